@@ -1,0 +1,312 @@
+//! The `hearth` command line: one subcommand per job, each a function that
+//! returns `anyhow::Result`; `main` turns errors into a message and an exit
+//! code (2 for a bad config or bad arguments, 1 otherwise).
+
+mod readings;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Config};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Home gateway for cardiac-implant telemetry"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, short = 'c', env = "HEARTH_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: serial port -> store -> broker.
+    Run(ConfigArg),
+    /// Simulate a bedside device on a serial port or a new pseudo-terminal.
+    Simulate(SimulateArgs),
+    /// Show stored readings.
+    Readings {
+        #[command(subcommand)]
+        command: ReadingsCommand,
+    },
+    /// Show what the gateway holds and how its links are.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Check or print the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The whole pipeline on this machine: throwaway certificates, an
+    /// embedded broker, a simulated implant and a subscriber.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReadingsCommand {
+    /// List readings, oldest first.
+    List(readings::ListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate the configuration, then say so.
+    Check(ConfigArg),
+    /// Print a commented default configuration.
+    Default,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The serial port to talk on (e.g. one end of a socat pair).
+    #[arg(long, conflicts_with = "pty", required_unless_present = "pty")]
+    pub port: Option<PathBuf>,
+    /// Make a pseudo-terminal pair and print the path for the gateway.
+    #[arg(long)]
+    pub pty: bool,
+    #[arg(long, default_value_t = 115_200)]
+    pub baud_rate: u32,
+    /// The implant's serial number.
+    #[arg(long, default_value = "PM-000001")]
+    pub device_id: String,
+    /// Readings to get ACKed before exiting.
+    #[arg(long, default_value_t = 100)]
+    pub count: u64,
+    /// Milliseconds between new readings (0: as fast as ACKs allow).
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// First sequence number.
+    #[arg(long, default_value_t = 1)]
+    pub start_seq: u32,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Share of readings that are arrhythmia alerts.
+    #[arg(long, default_value_t = 0.02)]
+    pub alert_rate: f64,
+    /// Most frames sent and not yet ACKed.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Resend a frame not ACKed within this many milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub ack_timeout_ms: u64,
+    /// Fault: share of frames with one corrupted byte.
+    #[arg(long, default_value_t = 0.0)]
+    pub corrupt_rate: f64,
+    /// Fault: share of frames preceded by garbage bytes.
+    #[arg(long, default_value_t = 0.0)]
+    pub garbage_rate: f64,
+    /// Fault: share of frames cut short.
+    #[arg(long, default_value_t = 0.0)]
+    pub truncate_rate: f64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Readings the simulated implant sends.
+    #[arg(long, default_value_t = 40)]
+    pub count: u64,
+    /// Milliseconds between readings.
+    #[arg(long, default_value_t = 50)]
+    pub interval_ms: u64,
+}
+
+/// A bad configuration or argument: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(c) => run_gateway(&c),
+        Command::Simulate(args) => simulate(args),
+        Command::Readings {
+            command: ReadingsCommand::List(args),
+        } => readings::list(args),
+        Command::Status { config, format } => readings::status(&config, format),
+        Command::Config {
+            command: ConfigCommand::Check(c),
+        } => {
+            let config = Config::load(&c.config)?;
+            if !config.serial.port.exists() {
+                anyhow::bail!(UsageError(format!(
+                    "config `{}`: key `serial.port` names `{}`, which does not exist (is the device plugged in?)",
+                    c.config.display(),
+                    config.serial.port.display()
+                )));
+            }
+            println!("config `{}` is valid", c.config.display());
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
+            print!("{}", config::DEFAULT_TOML);
+            Ok(())
+        }
+        Command::Demo(args) => {
+            crate::demo::run(args.count, Duration::from_millis(args.interval_ms))
+        }
+    }
+}
+
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn run_gateway(c: &ConfigArg) -> anyhow::Result<()> {
+    let config = Config::load(&c.config)?;
+    init_logging(&config.log_level);
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        crate::gateway::cancel_on_signals(shutdown.clone())
+            .context("cannot install signal handlers")?;
+        let gateway = crate::gateway::Gateway::new(config);
+        let result = gateway
+            .run(shutdown, || {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            })
+            .await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        result
+    })
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    use crate::simulator::{Faults, PortSpec, SimulatorOptions};
+    init_logging("warn");
+    let opts = SimulatorOptions {
+        device_id: args.device_id,
+        count: args.count,
+        interval: Duration::from_millis(args.interval_ms),
+        start_seq: args.start_seq,
+        seed: args.seed,
+        alert_rate: args.alert_rate,
+        window: args.window,
+        ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        faults: Faults {
+            corrupt_rate: args.corrupt_rate,
+            garbage_rate: args.garbage_rate,
+            truncate_rate: args.truncate_rate,
+        },
+    };
+    opts.validate().map_err(|e| UsageError(e.to_string()))?;
+    let port = match args.port {
+        Some(p) => PortSpec::Path(p, args.baud_rate),
+        None => PortSpec::Pty,
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // SIGINT/SIGTERM end the run early with a summary of what was ACKed.
+        let _ = ctrlc_like(move || stop.store(true, std::sync::atomic::Ordering::SeqCst));
+    }
+    let summary = crate::simulator::run(
+        port,
+        &opts,
+        &mut |path| {
+            println!("pty: {path}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        },
+        &stop,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "summary: device={} acked={} sent={} resent={} naks={} busy={} alerts={} corrupted={} garbage={} truncated={} elapsed_ms={}",
+            summary.device_id,
+            summary.acked,
+            summary.sent,
+            summary.resent,
+            summary.naks,
+            summary.busy,
+            summary.alerts,
+            summary.corrupted,
+            summary.garbage,
+            summary.truncated,
+            summary.elapsed_ms
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on SIGINT or SIGTERM, from a small thread.
+fn ctrlc_like(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("hearth-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+                f();
+            })
+        })?;
+    Ok(())
+}
+
+/// The error and its causes on one line: `a: b: c`.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = config::one_line(cause);
+        // thiserror messages often embed their source already.
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// 2 for a bad configuration or argument, 1 for anything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    let usage = e
+        .chain()
+        .any(|c| c.is::<config::ConfigError>() || c.is::<UsageError>());
+    if usage { 2 } else { 1 }
+}

@@ -1,0 +1,283 @@
+//! `hearth readings list` and `hearth status`: read-only views of the store,
+//! safe while `hearth run` writes to it.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use serde::Serialize;
+
+use super::{ConfigArg, Format, UsageError};
+use crate::config::Config;
+use crate::mqtt::payload::time_format::rfc3339;
+use crate::outbox::{Counts, ListFilter, ReadingRow, Store};
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Only readings in this state.
+    #[arg(long, default_value = "all", value_parser = ["queued", "inflight", "delivered", "all"])]
+    pub state: String,
+    /// Only readings of this device (implant serial).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Only readings received since TIME: RFC 3339 (`2026-11-25T08:00:00Z`)
+    /// or an age such as `90s`, `15m`, `2h`, `7d`.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many readings.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Parses `--since`: an RFC 3339 time or an age before now.
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, UsageError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let bad = || {
+        UsageError(format!(
+            "`--since {s}` is neither an RFC 3339 time (2026-11-25T08:00:00Z) nor an age (90s, 15m, 2h, 7d)"
+        ))
+    };
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(bad()),
+    };
+    Ok(now - chrono::Duration::seconds(secs))
+}
+
+fn open(config: &ConfigArg) -> anyhow::Result<(Config, Store)> {
+    let text = std::fs::read_to_string(&config.config).map_err(|source| {
+        crate::config::ConfigError::Read {
+            path: config.config.clone(),
+            source,
+        }
+    })?;
+    // The CLI needs only the store path: a support engineer may lack read
+    // access to the gateway's key, so the file checks are skipped here.
+    let mut c = Config::parse(&text, &config.config)?;
+    c.source = config.config.clone();
+    let store = Store::open_read_only(&c.store.path)?;
+    Ok((c, store))
+}
+
+pub fn list(args: ListArgs) -> anyhow::Result<()> {
+    let since = args
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, Utc::now()))
+        .transpose()?;
+    let (_, store) = open(&args.config)?;
+    let filter = ListFilter {
+        state: (args.state != "all").then(|| args.state.clone()),
+        device: args.device.clone(),
+        since,
+        limit: args.limit,
+    };
+    let rows = store.list(&filter)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match args.format {
+        Format::Json => {
+            serde_json::to_writer(&mut out, &rows)?;
+            writeln!(out)?;
+        }
+        Format::Csv => {
+            writeln!(
+                out,
+                "id,device,seq,kind,value,unit,priority,detail,device_time,received_at,state,pkid,attempts,delivered_at"
+            )?;
+            for r in &rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    r.id,
+                    r.device,
+                    r.seq,
+                    r.kind,
+                    r.value,
+                    r.unit,
+                    r.priority,
+                    r.detail.as_deref().unwrap_or(""),
+                    rfc3339(&r.device_time),
+                    rfc3339(&r.received_at),
+                    r.state,
+                    r.pkid.map(|p| p.to_string()).unwrap_or_default(),
+                    r.attempts,
+                    r.delivered_at.as_ref().map(rfc3339).unwrap_or_default()
+                )?;
+            }
+        }
+        Format::Table => table(&mut out, &rows)?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn table(out: &mut impl Write, rows: &[ReadingRow]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>7}  {:<12} {:>8}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9}",
+        "ID",
+        "DEVICE",
+        "SEQ",
+        "KIND",
+        "VALUE",
+        "UNIT",
+        "PRIORITY",
+        "DEVICE TIME",
+        "RECEIVED",
+        "STATE"
+    )?;
+    for r in rows {
+        let kind = match &r.detail {
+            Some(d) => format!("{} {}", r.kind, d),
+            None => r.kind.clone(),
+        };
+        writeln!(
+            out,
+            "{:>7}  {:<12} {:>8}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9}",
+            r.id,
+            r.device,
+            r.seq,
+            kind,
+            r.value,
+            r.unit,
+            r.priority,
+            rfc3339(&r.device_time),
+            rfc3339(&r.received_at),
+            r.state
+        )?;
+    }
+    writeln!(out, "{} reading(s)", rows.len())
+}
+
+#[derive(Debug, Serialize)]
+struct StatusView {
+    gateway: String,
+    database: String,
+    readings: Counts,
+    oldest_queued_age_secs: Option<i64>,
+    session: Option<u64>,
+    broker: Option<serde_json::Value>,
+    serial: Option<serde_json::Value>,
+    requeued_after_lost_session: u64,
+}
+
+pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
+    let (c, store) = open(config)?;
+    let counts = store.counts()?;
+    let json_state = |key: &str| -> anyhow::Result<Option<serde_json::Value>> {
+        Ok(store
+            .state(key)?
+            .and_then(|v| serde_json::from_str(&v).ok()))
+    };
+    let now = Utc::now();
+    let view = StatusView {
+        gateway: c.gateway_id.clone(),
+        database: c.store.path.display().to_string(),
+        oldest_queued_age_secs: counts.oldest_queued.map(|t| (now - t).num_seconds()),
+        readings: counts,
+        session: store.state("session")?.and_then(|v| v.parse().ok()),
+        broker: json_state("broker")?,
+        serial: json_state("serial")?,
+        requeued_after_lost_session: store
+            .state("requeued_after_lost_session")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    };
+    let mut out = std::io::stdout().lock();
+    if format != Format::Table {
+        serde_json::to_writer_pretty(&mut out, &view)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let t = |v: Option<DateTime<Utc>>| v.map(|t| rfc3339(&t)).unwrap_or_else(|| "never".into());
+    let link = |v: &Option<serde_json::Value>| match v {
+        Some(v) => {
+            let since = v["since"]
+                .as_i64()
+                .and_then(DateTime::from_timestamp_millis)
+                .map(|t| rfc3339(&t))
+                .unwrap_or_default();
+            let detail = v["detail"].as_str().unwrap_or("");
+            let state = v["state"].as_str().unwrap_or("?");
+            if detail.is_empty() {
+                format!("{state} since {since}")
+            } else {
+                format!("{state} since {since} ({detail})")
+            }
+        }
+        None => "unknown (has `hearth run` started?)".into(),
+    };
+    let r = &view.readings;
+    writeln!(out, "gateway          {}", view.gateway)?;
+    writeln!(out, "database         {}", view.database)?;
+    writeln!(out, "broker           {}", link(&view.broker))?;
+    writeln!(out, "serial           {}", link(&view.serial))?;
+    writeln!(
+        out,
+        "session          {}",
+        view.session
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "none".into())
+    )?;
+    writeln!(
+        out,
+        "queued           {} alert, {} routine",
+        r.queued_alert, r.queued_routine
+    )?;
+    writeln!(out, "in flight        {}", r.inflight)?;
+    writeln!(out, "delivered        {}", r.delivered)?;
+    writeln!(out, "rejected frames  {}", r.rejected_frames)?;
+    writeln!(
+        out,
+        "oldest queued    {}",
+        match view.oldest_queued_age_secs {
+            Some(s) => format!("{s} s ago"),
+            None => "none".into(),
+        }
+    )?;
+    writeln!(out, "last received    {}", t(r.last_received))?;
+    writeln!(out, "last delivery    {}", t(r.last_delivered))?;
+    if view.requeued_after_lost_session > 0 {
+        writeln!(
+            out,
+            "requeued         {} reading(s) after the broker lost the session",
+            view.requeued_after_lost_session
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_times_and_ages() {
+        let now = DateTime::parse_from_rfc3339("2026-11-25T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            parse_since("2h", now).unwrap(),
+            now - chrono::Duration::hours(2)
+        );
+        assert_eq!(
+            parse_since("2026-11-25T08:00:00Z", now)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-11-25T08:00:00+00:00"
+        );
+        assert!(parse_since("yesterday", now).is_err());
+        assert!(parse_since("5w", now).is_err());
+    }
+}

@@ -1,0 +1,337 @@
+//! The one TOML configuration file.
+//!
+//! Unknown keys are refused, every key has a default where one is safe, and
+//! [`Config::load`] validates everything it can at start: a mistake is
+//! reported as one line naming the key and the file, never discovered at
+//! 3 a.m. by a reading that cannot be sent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where `hearth run` looks when neither `--config` nor `$HEARTH_CONFIG` says.
+pub const DEFAULT_PATH: &str = "/etc/hearth/hearth.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config `{path}`: {source} (pass --config PATH or set HEARTH_CONFIG)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config `{path}`: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config `{path}`: key `{key}` {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// The whole configuration (`hearth config default` prints it commented).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's id: MQTT client id, topic level and reading-id prefix.
+    pub gateway_id: String,
+    /// Log filter when `RUST_LOG` is unset (`error`, `warn`, `info`, `debug`).
+    #[serde(default = "defaults::log_level")]
+    pub log_level: String,
+    pub serial: SerialConfig,
+    pub store: StoreConfig,
+    pub mqtt: MqttConfig,
+    /// The file this was read from, for messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// The bedside device's serial port.
+    pub port: PathBuf,
+    /// Line speed.
+    #[serde(default = "defaults::baud_rate")]
+    pub baud_rate: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite database file (its folder must exist and be writable).
+    pub path: PathBuf,
+    /// Days a delivered reading is kept for the CLI before it is pruned.
+    #[serde(default = "defaults::retention_days")]
+    pub retention_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host name; also the name its certificate must carry.
+    pub host: String,
+    /// Broker TLS port.
+    #[serde(default = "defaults::mqtt_port")]
+    pub port: u16,
+    /// PEM file of the CA that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM file of this gateway's client certificate (chain).
+    pub cert_file: PathBuf,
+    /// PEM file of this gateway's private key; must not be readable by others.
+    pub key_file: PathBuf,
+    /// First topic levels: `{topic_prefix}/{gateway_id}/readings` etc.
+    #[serde(default = "defaults::topic_prefix")]
+    pub topic_prefix: String,
+    /// MQTT keep-alive; the broker declares us gone after 1.5 times this.
+    #[serde(default = "defaults::keep_alive_secs")]
+    pub keep_alive_secs: u16,
+    /// How often the retained status is refreshed while online.
+    #[serde(default = "defaults::heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Most QoS 2 exchanges open at once.
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: u16,
+    /// Most readings in one routine message.
+    #[serde(default = "defaults::batch_max_readings")]
+    pub batch_max_readings: usize,
+    /// First reconnect delay; doubles up to `reconnect_max_secs`, with jitter.
+    #[serde(default = "defaults::reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay.
+    #[serde(default = "defaults::reconnect_max_secs")]
+    pub reconnect_max_secs: u64,
+}
+
+mod defaults {
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn baud_rate() -> u32 {
+        115_200
+    }
+    pub fn retention_days() -> u32 {
+        30
+    }
+    pub fn mqtt_port() -> u16 {
+        8883
+    }
+    pub fn topic_prefix() -> String {
+        "hearth/v1".into()
+    }
+    pub fn keep_alive_secs() -> u16 {
+        30
+    }
+    pub fn heartbeat_secs() -> u64 {
+        60
+    }
+    pub fn max_inflight() -> u16 {
+        16
+    }
+    pub fn batch_max_readings() -> usize {
+        64
+    }
+    pub fn reconnect_min_ms() -> u64 {
+        500
+    }
+    pub fn reconnect_max_secs() -> u64 {
+        60
+    }
+}
+
+/// A commented default configuration (`hearth config default`).
+pub const DEFAULT_TOML: &str = include_str!("../systemd/hearth.toml");
+
+/// True for ids that are safe in topics, reading ids and file names.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Config {
+    /// Reads, parses and validates the file; file checks included.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        config.source = path.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // toml's message spans several lines with a caret drawing.
+            message: one_line(&e),
+        })
+    }
+
+    fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            key,
+            problem: problem.into(),
+        }
+    }
+
+    /// Checks values and files. The serial port may be absent (unplugged):
+    /// that is a runtime state the reader waits out, not a config error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_id(&self.gateway_id) {
+            return Err(self.invalid(
+                "gateway_id",
+                format!("is `{}`: use 1 to 64 of A-Z a-z 0-9 - _ .", self.gateway_id),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(self.invalid(
+                "log_level",
+                format!("is `{}`: use error, warn, info or debug", self.log_level),
+            ));
+        }
+        if self.serial.port.as_os_str().is_empty() {
+            return Err(self.invalid(
+                "serial.port",
+                "is empty: name the device, e.g. /dev/ttyUSB0",
+            ));
+        }
+        if self.serial.baud_rate == 0 {
+            return Err(self.invalid("serial.baud_rate", "must be above 0"));
+        }
+        let dir = match self.store.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(self.invalid(
+                "store.path",
+                format!(
+                    "is in `{}`, which is not a folder: create it",
+                    dir.display()
+                ),
+            ));
+        }
+        if self.mqtt.host.is_empty() {
+            return Err(self.invalid("mqtt.host", "is empty: name the hospital's broker"));
+        }
+        if self.mqtt.port == 0 {
+            return Err(self.invalid("mqtt.port", "must be above 0"));
+        }
+        let prefix = &self.mqtt.topic_prefix;
+        if prefix.is_empty()
+            || prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.contains(['+', '#', '\0'])
+        {
+            return Err(self.invalid(
+                "mqtt.topic_prefix",
+                format!("is `{prefix}`: use levels like `hearth/v1`, no wildcards, no leading or trailing `/`"),
+            ));
+        }
+        if self.mqtt.keep_alive_secs < 5 {
+            return Err(self.invalid("mqtt.keep_alive_secs", "must be at least 5"));
+        }
+        if self.mqtt.heartbeat_secs == 0 {
+            return Err(self.invalid("mqtt.heartbeat_secs", "must be at least 1"));
+        }
+        if !(2..=1024).contains(&self.mqtt.max_inflight) {
+            return Err(self.invalid("mqtt.max_inflight", "must be between 2 and 1024"));
+        }
+        if !(1..=1000).contains(&self.mqtt.batch_max_readings) {
+            return Err(self.invalid("mqtt.batch_max_readings", "must be between 1 and 1000"));
+        }
+        if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_max_secs == 0 {
+            return Err(self.invalid(
+                "mqtt.reconnect_min_ms",
+                "and `mqtt.reconnect_max_secs` must be above 0",
+            ));
+        }
+        self.check_readable("mqtt.ca_file", &self.mqtt.ca_file)?;
+        self.check_readable("mqtt.cert_file", &self.mqtt.cert_file)?;
+        self.check_readable("mqtt.key_file", &self.mqtt.key_file)?;
+        let mode = std::fs::metadata(&self.mqtt.key_file)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            return Err(self.invalid(
+                "mqtt.key_file",
+                format!(
+                    "names `{}`, which others can read (mode {:o}): run `chmod 600` on it",
+                    self.mqtt.key_file.display(),
+                    mode & 0o777
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_readable(&self, key: &'static str, path: &Path) -> Result<(), ConfigError> {
+        std::fs::File::open(path).map(drop).map_err(|e| {
+            self.invalid(
+                key,
+                format!(
+                    "names `{}`, which cannot be read: {}",
+                    path.display(),
+                    one_line(&e)
+                ),
+            )
+        })
+    }
+
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(self.mqtt.keep_alive_secs.into())
+    }
+
+    pub fn topic(&self, leaf: &str) -> String {
+        format!("{}/{}/{}", self.mqtt.topic_prefix, self.gateway_id, leaf)
+    }
+}
+
+/// An error's message folded onto one line.
+pub fn one_line(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let mut out = String::with_capacity(s.len());
+    for part in s.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        // Skip toml's source excerpt lines ("1 | foo", "  |   ^").
+        if part.starts_with('|')
+            || part.chars().next().is_some_and(|c| c.is_ascii_digit()) && part.contains(" | ")
+        {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(part);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses() {
+        let c = Config::parse(DEFAULT_TOML, Path::new("default.toml")).unwrap();
+        assert_eq!(c.mqtt.topic_prefix, "hearth/v1");
+        assert_eq!(c.store.retention_days, 30);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = DEFAULT_TOML.replace("[store]", "[store]\nretention = 3");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}

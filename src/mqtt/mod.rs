@@ -1,0 +1,7 @@
+//! The broker side: mutual TLS, one MQTT connection, payloads and the
+//! publisher that drives QoS 2 from the outbox.
+
+pub mod connection;
+pub mod payload;
+pub mod publisher;
+pub mod tls;

@@ -1,0 +1,522 @@
+//! The publisher: drives MQTT QoS 2 from the outbox, exactly once.
+//!
+//! Invariants (each step's record is committed before the packet it allows
+//! is written, so a crash at any instant leaves a resumable state):
+//! 1. PUBLISH of packet id P is written only after the exchange row for P
+//!    (stage `publish`, its topic and payload) is committed.
+//! 2. PUBREL for P is written only after stage `release` is committed; a
+//!    PUBLISH for P is never written again after that.
+//! 3. Readings become `delivered` only in the transaction that deletes the
+//!    exchange on PUBCOMP. Only then may P be handed out again.
+//! 4. After any reconnect, with the broker's session present, every open
+//!    exchange is finished first with the same packet id: PUBLISH with DUP=1
+//!    in stage `publish`, PUBREL in stage `release`. Which of the two is
+//!    chosen depends only on our record, never on when the broker forwards.
+//! 5. Without the broker's session (CONNACK `session_present = false`) the
+//!    open exchanges are void: their readings are queued again (WARN, counted)
+//!    and the receiver deduplicates by reading id.
+//!
+//! Alerts go before routine readings, and two exchanges are kept free for
+//! them, so an alert never waits behind a routine backlog.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rumqttc::{ConnAck, Connect, LastWill, Packet, PubRel, Publish, QoS};
+use rustls::ClientConfig;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::connection::{Connection, ConnectionError};
+use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
+use crate::alarm::Alarms;
+use crate::config::Config;
+use crate::outbox::{StoreError, StoreHandle};
+use crate::serial::frame::Priority;
+
+/// Exchanges kept free for alerts when routine readings fill the window.
+const RESERVED_FOR_ALERTS: usize = 2;
+/// How long a shutdown waits for the broker to acknowledge the offline status.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Link(#[from] ConnectionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no PINGRESP from the broker within {0:?}")]
+    PingTimeout(Duration),
+}
+
+/// What an open packet id is used for on the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A QoS 2 exchange recorded in the store.
+    Readings { released: bool },
+    /// A QoS 1 status message, not recorded (a new one is sent on connect).
+    Status,
+}
+
+pub struct Publisher {
+    config: Arc<Config>,
+    store: StoreHandle,
+    tls: Arc<ClientConfig>,
+    alarms: Alarms,
+    slots: BTreeMap<u16, Slot>,
+    next_pkid: u16,
+    /// False once the store said there is nothing queued; set again by the
+    /// store's notification.
+    backlog_hint: bool,
+    ping_sent: Option<Instant>,
+}
+
+impl Publisher {
+    pub fn new(
+        config: Arc<Config>,
+        store: StoreHandle,
+        tls: Arc<ClientConfig>,
+        alarms: Alarms,
+    ) -> Publisher {
+        Publisher {
+            config,
+            store,
+            tls,
+            alarms,
+            slots: BTreeMap::new(),
+            next_pkid: 1,
+            backlog_hint: true,
+            ping_sent: None,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), PublishError> {
+        let min = Duration::from_millis(self.config.mqtt.reconnect_min_ms);
+        let max = Duration::from_secs(self.config.mqtt.reconnect_max_secs);
+        let mut attempt: u32 = 0;
+        let broker = format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port);
+        loop {
+            let session = self.store.call(|s| s.next_session()).await?;
+            self.record_broker("connecting", "").await;
+            let connect = self.connect_packet(session);
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = Connection::open(
+                    &self.config.mqtt.host,
+                    self.config.mqtt.port,
+                    self.tls.clone(),
+                    connect,
+                    self.config.keep_alive(),
+                ) => r,
+            };
+            let reason = match opened {
+                Ok((mut conn, connack)) => {
+                    attempt = 0;
+                    tracing::info!(%broker, session, session_present = connack.session_present, "Connected to broker.");
+                    self.record_broker("connected", "").await;
+                    match self.serve(&mut conn, connack, session, &shutdown).await {
+                        Ok(()) => {
+                            conn.close().await;
+                            self.record_broker("disconnected", "shutdown").await;
+                            return Ok(());
+                        }
+                        Err(PublishError::Store(e)) => {
+                            // Never write a packet whose record failed: drop
+                            // the link and try again later.
+                            tracing::error!(error = %e, "Store failed; dropping the broker link.");
+                            e.to_string()
+                        }
+                        Err(e) => {
+                            tracing::warn!(%broker, error = %e, "Broker connection lost.");
+                            e.to_string()
+                        }
+                    }
+                }
+                Err(e) => {
+                    if attempt == 0 {
+                        tracing::warn!(%broker, error = %e, "Cannot connect to broker; retrying with backoff.");
+                    } else {
+                        tracing::debug!(%broker, error = %e, attempt, "Reconnect failed.");
+                    }
+                    e.to_string()
+                }
+            };
+            self.record_broker("disconnected", &reason).await;
+            let delay = backoff(min, max, attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.record_broker("disconnected", "shutdown").await;
+        Ok(())
+    }
+
+    fn connect_packet(&self, session: u64) -> Connect {
+        let will = self.status(Reason::ConnectionLost, session, None, vec![]);
+        let mut connect = Connect::new(self.config.gateway_id.clone());
+        connect.keep_alive = self.config.mqtt.keep_alive_secs;
+        connect.clean_session = false;
+        connect.last_will = Some(LastWill::new(
+            self.config.topic("status"),
+            will.to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        connect
+    }
+
+    fn status(
+        &self,
+        reason: Reason,
+        session: u64,
+        backlog: Option<Backlog>,
+        devices: Vec<DeviceSeen>,
+    ) -> Status {
+        let online = matches!(reason, Reason::Connected | Reason::Heartbeat);
+        Status {
+            schema: payload::SCHEMA,
+            gateway: self.config.gateway_id.clone(),
+            state: if online { "online" } else { "offline" }.into(),
+            reason,
+            session,
+            at: Utc::now(),
+            backlog,
+            devices,
+            alarms: self.alarms.active(),
+        }
+    }
+
+    async fn record_broker(&self, state: &'static str, detail: &str) {
+        let value = serde_json::json!({
+            "state": state,
+            "since": Utc::now().timestamp_millis(),
+            "detail": detail,
+        })
+        .to_string();
+        if let Err(e) = self
+            .store
+            .call(move |s| s.set_state("broker", &value))
+            .await
+        {
+            tracing::warn!(error = %e, "Cannot record broker state.");
+        }
+    }
+
+    /// One connection's life; returns Ok only on shutdown.
+    async fn serve(
+        &mut self,
+        conn: &mut Connection,
+        connack: ConnAck,
+        session: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PublishError> {
+        self.slots.clear();
+        self.ping_sent = None;
+        self.backlog_hint = true;
+        self.resume(conn, connack.session_present).await?;
+        self.publish_status(conn, Reason::Connected, session)
+            .await?;
+
+        let keep_alive = self.config.keep_alive();
+        let mut ping = tokio::time::interval(keep_alive / 2);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ping.reset();
+        let beat = Duration::from_secs(self.config.mqtt.heartbeat_secs);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        loop {
+            self.fill(conn).await?;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.goodbye(conn, session).await;
+                    return Ok(());
+                }
+                packet = conn.read() => self.handle(conn, packet?).await?,
+                _ = self.store.queued() => self.backlog_hint = true,
+                _ = ping.tick() => {
+                    if let Some(sent) = self.ping_sent {
+                        if sent.elapsed() >= keep_alive {
+                            return Err(PublishError::PingTimeout(keep_alive));
+                        }
+                    } else {
+                        conn.send(&[Packet::PingReq]).await?;
+                        self.ping_sent = Some(Instant::now());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    self.publish_status(conn, Reason::Heartbeat, session).await?;
+                }
+            }
+        }
+    }
+
+    /// Finishes what the store says is open (invariant 4), or voids it when
+    /// the broker has no session for us (invariant 5).
+    async fn resume(
+        &mut self,
+        conn: &mut Connection,
+        session_present: bool,
+    ) -> Result<(), PublishError> {
+        if !session_present {
+            let requeued = self.store.call(|s| s.requeue_inflight()).await?;
+            if requeued > 0 {
+                tracing::warn!(
+                    requeued,
+                    "Broker has no session for this gateway; readings in flight were queued again."
+                );
+                self.store
+                    .call(move |s| {
+                        let total = s
+                            .state("requeued_after_lost_session")?
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0);
+                        s.set_state(
+                            "requeued_after_lost_session",
+                            &(total + requeued as u64).to_string(),
+                        )?;
+                        s.set_state(
+                            "last_lost_session",
+                            &Utc::now().timestamp_millis().to_string(),
+                        )
+                    })
+                    .await?;
+            }
+            return Ok(());
+        }
+        let open = self.store.call(|s| s.open_exchanges()).await?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(open = open.len(), "Resuming open QoS 2 exchanges.");
+        let mut packets = Vec::with_capacity(open.len());
+        for ex in &open {
+            self.slots.insert(
+                ex.pkid,
+                Slot::Readings {
+                    released: ex.released,
+                },
+            );
+            packets.push(if ex.released {
+                Packet::PubRel(PubRel::new(ex.pkid))
+            } else {
+                let mut p = Publish::new(ex.topic.clone(), QoS::ExactlyOnce, ex.payload.clone());
+                p.pkid = ex.pkid;
+                p.dup = true;
+                Packet::Publish(p)
+            });
+        }
+        let pkids: Vec<u16> = open.iter().map(|e| e.pkid).collect();
+        self.store
+            .call(move |s| pkids.iter().try_for_each(|p| s.exchange_resent(*p)))
+            .await?;
+        conn.send(&packets).await?;
+        Ok(())
+    }
+
+    /// The next free packet id, round robin over 1..=65535.
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let p = self.next_pkid;
+            self.next_pkid = if p == u16::MAX { 1 } else { p + 1 };
+            if !self.slots.contains_key(&p) {
+                return p;
+            }
+        }
+    }
+
+    /// Starts new exchanges while the window has room: alerts first.
+    async fn fill(&mut self, conn: &mut Connection) -> Result<(), PublishError> {
+        let window = self.config.mqtt.max_inflight as usize;
+        let batch_max = self.config.mqtt.batch_max_readings;
+        while self.backlog_hint {
+            let open = self
+                .slots
+                .values()
+                .filter(|s| matches!(s, Slot::Readings { .. }))
+                .count();
+            if open >= window {
+                return Ok(());
+            }
+            let routine_allowed = open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
+            let pkid = self.alloc_pkid();
+            let gateway = self.config.gateway_id.clone();
+            let alerts = self.config.topic("alerts");
+            let readings = self.config.topic("readings");
+            let taken = self
+                .store
+                .call(move |s| {
+                    let mut batch = s.next_queued(Priority::Alert, batch_max)?;
+                    let mut topic = alerts;
+                    if batch.is_empty() && routine_allowed {
+                        batch = s.next_queued(Priority::Routine, batch_max)?;
+                        topic = readings;
+                    }
+                    if batch.is_empty() {
+                        return Ok(None);
+                    }
+                    let body = payload::batch(&gateway, &batch);
+                    let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+                    s.begin_exchange(pkid, &topic, &body, &ids, Utc::now())?;
+                    Ok(Some((topic, body, ids.len())))
+                })
+                .await?;
+            let Some((topic, body, n)) = taken else {
+                if routine_allowed {
+                    self.backlog_hint = false;
+                }
+                return Ok(());
+            };
+            tracing::debug!(pkid, readings = n, %topic, "Publishing.");
+            self.slots.insert(pkid, Slot::Readings { released: false });
+            let mut p = Publish::new(topic, QoS::ExactlyOnce, body);
+            p.pkid = pkid;
+            conn.send(&[Packet::Publish(p)]).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, conn: &mut Connection, packet: Packet) -> Result<(), PublishError> {
+        match packet {
+            Packet::PubRec(rec) => {
+                let pkid = rec.pkid;
+                match self.slots.get(&pkid) {
+                    Some(Slot::Readings { released: false }) => {
+                        self.store.call(move |s| s.exchange_released(pkid)).await?;
+                        self.slots.insert(pkid, Slot::Readings { released: true });
+                    }
+                    Some(Slot::Readings { released: true }) => {}
+                    Some(Slot::Status) => {
+                        tracing::warn!(pkid, "PUBREC for a QoS 1 status; ignored.");
+                        return Ok(());
+                    }
+                    None => {
+                        // The broker holds a message we have no record of;
+                        // releasing it is the only way to free the id.
+                        tracing::warn!(pkid, "PUBREC for an unknown packet id; releasing it.");
+                    }
+                }
+                conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
+            }
+            Packet::PubComp(comp) => {
+                let pkid = comp.pkid;
+                if let Some(Slot::Readings { .. }) = self.slots.get(&pkid) {
+                    let n = self
+                        .store
+                        .call(move |s| s.complete_exchange(pkid, Utc::now()))
+                        .await?;
+                    self.slots.remove(&pkid);
+                    self.backlog_hint = true;
+                    tracing::debug!(pkid, readings = n, "Delivered.");
+                } else {
+                    tracing::debug!(pkid, "PUBCOMP for an unknown packet id; ignored.");
+                }
+            }
+            Packet::PubAck(ack) => {
+                if self.slots.get(&ack.pkid) == Some(&Slot::Status) {
+                    self.slots.remove(&ack.pkid);
+                }
+            }
+            Packet::PingResp => self.ping_sent = None,
+            Packet::PubRel(rel) => {
+                conn.send(&[Packet::PubComp(rumqttc::PubComp::new(rel.pkid))])
+                    .await?
+            }
+            other => tracing::debug!(packet = ?other, "Unexpected packet from broker; ignored."),
+        }
+        Ok(())
+    }
+
+    async fn publish_status(
+        &mut self,
+        conn: &mut Connection,
+        reason: Reason,
+        session: u64,
+    ) -> Result<u16, PublishError> {
+        let (counts, seen) = self
+            .store
+            .call(|s| Ok((s.counts()?, s.last_heard()?)))
+            .await?;
+        let backlog = Backlog {
+            alert: counts.queued_alert,
+            routine: counts.queued_routine,
+            inflight: counts.inflight,
+        };
+        let devices = seen
+            .into_iter()
+            .take(16)
+            .map(|(device, last_heard)| DeviceSeen { device, last_heard })
+            .collect();
+        let body = self
+            .status(reason, session, Some(backlog), devices)
+            .to_vec();
+        let pkid = self.alloc_pkid();
+        self.slots.insert(pkid, Slot::Status);
+        let mut p = Publish::new(self.config.topic("status"), QoS::AtLeastOnce, body);
+        p.retain = true;
+        p.pkid = pkid;
+        conn.send(&[Packet::Publish(p)]).await?;
+        Ok(pkid)
+    }
+
+    /// Publishes the retained `offline`/`shutdown` status and waits a little
+    /// for its PUBACK, still serving acks of open exchanges meanwhile.
+    async fn goodbye(&mut self, conn: &mut Connection, session: u64) {
+        let pkid = match self.publish_status(conn, Reason::Shutdown, session).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot publish the offline status.");
+                return;
+            }
+        };
+        let deadline = Instant::now() + GOODBYE_TIMEOUT;
+        while self.slots.contains_key(&pkid) {
+            match tokio::time::timeout_at(deadline, conn.read()).await {
+                Ok(Ok(packet)) => {
+                    if let Err(e) = self.handle(conn, packet).await {
+                        tracing::warn!(error = %e, "Error while closing.");
+                        return;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Error while closing.");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("Broker did not acknowledge the offline status in time.");
+                    return;
+                }
+            }
+        }
+        tracing::info!("Offline status published.");
+    }
+}
+
+/// Capped exponential backoff with equal jitter: half fixed, half random.
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.min(20)).min(max);
+    let half = exp / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(60);
+        for attempt in 0..40 {
+            let d = backoff(min, max, attempt);
+            assert!(d <= max, "{d:?}");
+            let exp = min.saturating_mul(1u32 << attempt.min(20)).min(max);
+            assert!(d >= exp / 2, "{d:?}");
+        }
+    }
+}

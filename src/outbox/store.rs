@@ -1,0 +1,748 @@
+//! The SQLite outbox: every reading the gateway ACKed, and every open MQTT
+//! QoS 2 exchange.
+//!
+//! Guarantees, in the order the pipeline relies on them:
+//! - The database runs in WAL mode with `synchronous=FULL`: a transaction
+//!   that returned is on disk and survives a process crash or power loss.
+//! - A reading is committed before the device gets its ACK
+//!   ([`Store::commit_serial`] returns only after COMMIT). It is unique on
+//!   (device, seq): a resent frame is reported `Duplicate` and ACKed again.
+//! - An exchange row (packet id, topic, payload, stage `publish`) is committed
+//!   before its PUBLISH is written ([`Store::begin_exchange`]); it moves to
+//!   stage `release` before its PUBREL is written ([`Store::exchange_released`]);
+//!   its readings become `delivered` only in the transaction that deletes it
+//!   on PUBCOMP ([`Store::complete_exchange`]). A packet id is therefore never
+//!   reused while the broker may still hold it.
+//! - Rejected frames are kept with their raw bytes: nothing a device sent
+//!   disappears silently.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::serial::frame::{Priority, Reading, Rejected};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts them.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "01-initial",
+    include_str!("../../migrations/01-initial/up.sql"),
+)];
+
+const INSERT_READING: &str = "INSERT INTO readings
+    (device, seq, kind, value, unit, priority, detail, device_time, received_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+    ON CONFLICT (device, seq) DO NOTHING";
+const SAME_READING: &str = "SELECT kind = ?3 AND value = ?4 AND priority = ?5
+    AND detail IS ?6 AND device_time = ?7 FROM readings WHERE device = ?1 AND seq = ?2";
+const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
+    (received_at, port, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)";
+const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
+    device_time, received_at FROM readings
+    WHERE state = 'queued' AND priority = ?1 ORDER BY id LIMIT ?2";
+const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
+    device_time, received_at, state, pkid, attempts, delivered_at FROM readings";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database `{path}`: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("no database at `{0}` (has `hearth run` started with this config?)")]
+    Missing(PathBuf),
+    #[error(
+        "database `{path}` has schema version {found}, newer than this hearth knows ({known}): upgrade hearth"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("database `{path}` is full: it reached its size cap or the disk is full")]
+    Full { path: PathBuf },
+    #[error("database `{path}`: {source}")]
+    Sql {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("the store thread has stopped")]
+    Closed,
+}
+
+/// What happened to one reading handed to [`Store::commit_serial`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Newly stored.
+    Stored,
+    /// Already stored with the same content: a resend; ACK it again.
+    Duplicate,
+    /// Already stored with other content under the same (device, seq). The
+    /// frame is kept in `rejected_frames` and ACKed: the stored one stands.
+    Conflict,
+}
+
+/// A queued reading as the publisher needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    pub id: i64,
+    pub device: String,
+    pub seq: u32,
+    pub kind: String,
+    pub value: f64,
+    pub unit: String,
+    pub priority: Priority,
+    pub detail: Option<String>,
+    pub device_time: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// An open QoS 2 exchange, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub pkid: u16,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// True once PUBREC was recorded: resume with PUBREL, not PUBLISH.
+    pub released: bool,
+}
+
+/// One row of `hearth readings list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadingRow {
+    pub id: i64,
+    pub device: String,
+    pub seq: u32,
+    pub kind: String,
+    pub value: f64,
+    pub unit: String,
+    pub priority: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub device_time: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub state: String,
+    pub pkid: Option<u16>,
+    pub attempts: u32,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// Filters of `hearth readings list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `None` means every state.
+    pub state: Option<String>,
+    pub device: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: Option<u64>,
+}
+
+/// Counters for `hearth status` and the heartbeat.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    pub queued_alert: u64,
+    pub queued_routine: u64,
+    pub inflight: u64,
+    pub delivered: u64,
+    pub rejected_frames: u64,
+    pub oldest_queued: Option<DateTime<Utc>>,
+    pub last_received: Option<DateTime<Utc>>,
+    pub last_delivered: Option<DateTime<Utc>>,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+pub(crate) fn to_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+impl Store {
+    /// Opens (creating if needed) the database for the gateway and applies
+    /// migrations.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        store.configure().map_err(|e| store.err(e))?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database read-only, for the CLI; safe while
+    /// `hearth run` writes to it (WAL readers never block the writer).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_owned()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        if let rusqlite::Error::SqliteFailure(e, _) = &source
+            && e.code == rusqlite::ErrorCode::DiskFull
+        {
+            return StoreError::Full {
+                path: self.path.clone(),
+            };
+        }
+        StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn configure(&self) -> rusqlite::Result<()> {
+        self.conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        debug_assert_eq!(mode, "wal");
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(())
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let known = MIGRATIONS.len() as i64;
+        let found: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if found > known {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found,
+                known,
+            });
+        }
+        for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = self.conn.transaction().map_err(|source| StoreError::Sql {
+                path: self.path.clone(),
+                source,
+            })?;
+            tx.execute_batch(sql)
+                .and_then(|()| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|()| tx.commit())
+                .map_err(|source| StoreError::Sql {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            tracing::info!(migration = name, "Database migrated.");
+        }
+        Ok(())
+    }
+
+    /// Commits a batch read from the serial port in one transaction: the
+    /// readings and the rejected frames. Returns one outcome per reading.
+    pub fn commit_serial(
+        &mut self,
+        port: &str,
+        readings: &[Reading],
+        rejected: &[Rejected],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Insert>, StoreError> {
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            let mut outcomes = Vec::with_capacity(readings.len());
+            {
+                let mut insert = tx.prepare_cached(INSERT_READING)?;
+                let mut same = tx.prepare_cached(SAME_READING)?;
+                let mut reject = tx.prepare_cached(INSERT_REJECTED)?;
+                for r in readings {
+                    let inserted = insert.execute(params![
+                        r.device_id,
+                        r.seq,
+                        r.kind.as_str(),
+                        r.value,
+                        r.kind.unit(),
+                        r.priority.as_str(),
+                        r.detail,
+                        to_ms(r.device_time),
+                        to_ms(now),
+                    ])?;
+                    let outcome = if inserted == 1 {
+                        Insert::Stored
+                    } else {
+                        let same: bool = same.query_row(
+                            params![
+                                r.device_id,
+                                r.seq,
+                                r.kind.as_str(),
+                                r.value,
+                                r.priority.as_str(),
+                                r.detail,
+                                to_ms(r.device_time)
+                            ],
+                            |row| row.get(0),
+                        )?;
+                        if same {
+                            Insert::Duplicate
+                        } else {
+                            let frame = crate::serial::frame::Frame::Reading(r.clone());
+                            reject.execute(params![
+                                to_ms(now),
+                                port,
+                                "conflict",
+                                "seq already stored with other content",
+                                frame.encode()
+                            ])?;
+                            Insert::Conflict
+                        }
+                    };
+                    outcomes.push(outcome);
+                }
+                for rej in rejected {
+                    reject.execute(params![
+                        to_ms(now),
+                        port,
+                        rej.reason.code(),
+                        rej.reason.to_string(),
+                        rej.raw
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(outcomes)
+        })();
+        result.map_err(|e| self.err(e))
+    }
+
+    /// The oldest queued readings of one priority, at most `limit`.
+    pub fn next_queued(&self, priority: Priority, limit: usize) -> Result<Vec<Queued>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<Queued>> {
+            let mut stmt = self.conn.prepare_cached(NEXT_QUEUED)?;
+            let rows = stmt.query_map(params![priority.as_str(), limit as i64], |row| {
+                let priority: String = row.get(6)?;
+                Ok(Queued {
+                    id: row.get(0)?,
+                    device: row.get(1)?,
+                    seq: row.get(2)?,
+                    kind: row.get(3)?,
+                    value: row.get(4)?,
+                    unit: row.get(5)?,
+                    priority: Priority::parse(&priority).unwrap_or(Priority::Routine),
+                    detail: row.get(7)?,
+                    device_time: from_ms(row.get(8)?),
+                    received_at: from_ms(row.get(9)?),
+                })
+            })?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// Records a new exchange and puts its readings in flight, in one
+    /// transaction. Must return before the PUBLISH is written.
+    pub fn begin_exchange(
+        &mut self,
+        pkid: u16,
+        topic: &str,
+        payload: &[u8],
+        reading_ids: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.prepare_cached(
+                "INSERT INTO exchanges (pkid, topic, payload, stage, created_at, sent_count)
+                 VALUES (?1, ?2, ?3, 'publish', ?4, 1)",
+            )?
+            .execute(params![pkid, topic, payload, to_ms(now)])?;
+            let exchange = tx.last_insert_rowid();
+            let mut mark = tx.prepare_cached(
+                "UPDATE readings SET state = 'inflight', exchange_id = ?1, pkid = ?2,
+                 attempts = attempts + 1, inflight_at = ?3 WHERE id = ?4 AND state = 'queued'",
+            )?;
+            for id in reading_ids {
+                mark.execute(params![exchange, pkid, to_ms(now), id])?;
+            }
+            drop(mark);
+            tx.commit()
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Records that PUBREC arrived: from now on the exchange is resumed with
+    /// PUBREL. Must return before the PUBREL is written. Returns false when no
+    /// exchange has this packet id.
+    pub fn exchange_released(&mut self, pkid: u16) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("UPDATE exchanges SET stage = 'release' WHERE pkid = ?1")
+            .and_then(|mut s| s.execute(params![pkid]))
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+    }
+
+    /// PUBCOMP arrived: the readings of the exchange are delivered and the
+    /// packet id is free again. Returns how many readings were delivered.
+    pub fn complete_exchange(
+        &mut self,
+        pkid: u16,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let exchange: Option<i64> = tx
+                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1")?
+                .query_row(params![pkid], |r| r.get(0))
+                .optional()?;
+            let Some(exchange) = exchange else {
+                return Ok(0);
+            };
+            let n = tx
+                .prepare_cached(
+                    "UPDATE readings SET state = 'delivered', exchange_id = NULL,
+                     delivered_at = ?1 WHERE exchange_id = ?2",
+                )?
+                .execute(params![to_ms(now), exchange])?;
+            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
+                .execute(params![exchange])?;
+            tx.prepare_cached(
+                "INSERT INTO gateway_state (key, value) VALUES ('last_delivery', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![to_ms(now).to_string()])?;
+            tx.commit()?;
+            Ok(n)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Counts a re-sent PUBLISH or PUBREL of an open exchange.
+    pub fn exchange_resent(&mut self, pkid: u16) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE exchanges SET sent_count = sent_count + 1 WHERE pkid = ?1")
+            .and_then(|mut s| s.execute(params![pkid]))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every open exchange, oldest first.
+    pub fn open_exchanges(&self) -> Result<Vec<Exchange>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<Exchange>> {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT pkid, topic, payload, stage FROM exchanges ORDER BY id")?;
+            let rows = stmt.query_map([], |row| {
+                let stage: String = row.get(3)?;
+                Ok(Exchange {
+                    pkid: row.get(0)?,
+                    topic: row.get(1)?,
+                    payload: row.get(2)?,
+                    released: stage == "release",
+                })
+            })?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// The broker lost our session: every open exchange is forgotten and its
+    /// readings are queued again (the receiver deduplicates by reading id).
+    /// Returns how many readings were queued again.
+    pub fn requeue_inflight(&mut self) -> Result<usize, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
+                [],
+            )?;
+            tx.execute("DELETE FROM exchanges", [])?;
+            tx.commit()?;
+            Ok(n)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Raises and returns the session counter (one per CONNECT attempt).
+    pub fn next_session(&mut self) -> Result<u64, StoreError> {
+        let current = self.state("session")?.and_then(|v| v.parse::<u64>().ok());
+        let next = current.unwrap_or(0) + 1;
+        self.set_state("session", &next.to_string())?;
+        Ok(next)
+    }
+
+    pub fn set_state(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute(params![key, value]))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT value FROM gateway_state WHERE key = ?1")
+            .and_then(|mut s| s.query_row(params![key], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        let run = || -> rusqlite::Result<Counts> {
+            let mut c = Counts::default();
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT state, priority, count(*) FROM readings GROUP BY state, priority",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let state: String = row.get(0)?;
+                let priority: String = row.get(1)?;
+                let n: u64 = row.get(2)?;
+                match (state.as_str(), priority.as_str()) {
+                    ("queued", "alert") => c.queued_alert += n,
+                    ("queued", _) => c.queued_routine += n,
+                    ("inflight", _) => c.inflight += n,
+                    _ => c.delivered += n,
+                }
+            }
+            c.rejected_frames =
+                self.conn
+                    .query_row("SELECT count(*) FROM rejected_frames", [], |r| r.get(0))?;
+            c.oldest_queued = self
+                .conn
+                .query_row(
+                    "SELECT min(received_at) FROM readings WHERE state = 'queued'",
+                    [],
+                    |r| r.get::<_, Option<i64>>(0),
+                )?
+                .map(from_ms);
+            c.last_received = self
+                .conn
+                .query_row("SELECT max(received_at) FROM readings", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })?
+                .map(from_ms);
+            Ok(c)
+        };
+        let mut c = run().map_err(|e| self.err(e))?;
+        c.last_delivered = self
+            .state("last_delivery")?
+            .and_then(|v| v.parse().ok())
+            .map(from_ms);
+        Ok(c)
+    }
+
+    /// When each device was last heard, newest first.
+    pub fn last_heard(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<(String, DateTime<Utc>)>> {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT device, max(received_at) AS t FROM readings GROUP BY device ORDER BY t DESC",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, from_ms(r.get(1)?))))?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<ReadingRow>, StoreError> {
+        let mut sql = format!("{LIST_COLUMNS} WHERE 1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(state) = &filter.state {
+            args.push(state.clone().into());
+            sql.push_str(&format!(" AND state = ?{}", args.len()));
+        }
+        if let Some(device) = &filter.device {
+            args.push(device.clone().into());
+            sql.push_str(&format!(" AND device = ?{}", args.len()));
+        }
+        if let Some(since) = filter.since {
+            args.push(to_ms(since).into());
+            sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
+        }
+        sql.push_str(" ORDER BY id");
+        if let Some(limit) = filter.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let run = || -> rusqlite::Result<Vec<ReadingRow>> {
+            let mut stmt = self.conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |row| {
+                Ok(ReadingRow {
+                    id: row.get(0)?,
+                    device: row.get(1)?,
+                    seq: row.get(2)?,
+                    kind: row.get(3)?,
+                    value: row.get(4)?,
+                    unit: row.get(5)?,
+                    priority: row.get(6)?,
+                    detail: row.get(7)?,
+                    device_time: from_ms(row.get(8)?),
+                    received_at: from_ms(row.get(9)?),
+                    state: row.get(10)?,
+                    pkid: row.get(11)?,
+                    attempts: row.get(12)?,
+                    delivered_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
+                })
+            })?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// Deletes delivered readings delivered before `before`; never touches a
+    /// reading that is queued or in flight.
+    pub fn prune_delivered(&mut self, before: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM readings WHERE state = 'delivered' AND delivered_at < ?1",
+                params![to_ms(before)],
+            )
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serial::frame::Kind;
+
+    fn reading(seq: u32, priority: Priority) -> Reading {
+        Reading {
+            device_id: "PM-1".into(),
+            seq,
+            device_time: from_ms(1_700_000_000_000 + seq as i64),
+            kind: if priority == Priority::Alert {
+                Kind::ShockDelivered
+            } else {
+                Kind::HeartRate
+            },
+            value: 70.0,
+            priority,
+            detail: None,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn resent_reading_is_stored_once_and_acked_again() {
+        let (_dir, mut store) = open();
+        let r = reading(1, Priority::Routine);
+        let now = Utc::now();
+        assert_eq!(
+            store.commit_serial("p", &[r.clone()], &[], now).unwrap(),
+            [Insert::Stored]
+        );
+        assert_eq!(
+            store.commit_serial("p", &[r.clone()], &[], now).unwrap(),
+            [Insert::Duplicate]
+        );
+        let mut other = r;
+        other.value = 99.0;
+        assert_eq!(
+            store.commit_serial("p", &[other], &[], now).unwrap(),
+            [Insert::Conflict]
+        );
+        assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 1);
+        assert_eq!(store.counts().unwrap().rejected_frames, 1);
+    }
+
+    #[test]
+    fn reading_is_delivered_only_on_pubcomp() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        store
+            .commit_serial(
+                "p",
+                &[reading(1, Priority::Routine), reading(2, Priority::Alert)],
+                &[],
+                now,
+            )
+            .unwrap();
+        let alerts = store.next_queued(Priority::Alert, 10).unwrap();
+        assert_eq!(alerts.len(), 1);
+        store
+            .begin_exchange(7, "t", b"x", &[alerts[0].id], now)
+            .unwrap();
+        assert_eq!(store.counts().unwrap().inflight, 1);
+        assert!(store.exchange_released(7).unwrap());
+        let open = store.open_exchanges().unwrap();
+        assert_eq!(open.len(), 1);
+        assert!(open[0].released);
+        assert_eq!(store.counts().unwrap().delivered, 0);
+        assert_eq!(store.complete_exchange(7, now).unwrap(), 1);
+        assert_eq!(store.counts().unwrap().delivered, 1);
+        assert!(store.open_exchanges().unwrap().is_empty());
+        // A second PUBCOMP for the same packet id changes nothing.
+        assert_eq!(store.complete_exchange(7, now).unwrap(), 0);
+    }
+
+    #[test]
+    fn lost_session_requeues_inflight_readings() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        store
+            .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
+            .unwrap();
+        let q = store.next_queued(Priority::Routine, 10).unwrap();
+        store.begin_exchange(1, "t", b"x", &[q[0].id], now).unwrap();
+        assert_eq!(store.requeue_inflight().unwrap(), 1);
+        assert_eq!(store.next_queued(Priority::Routine, 10).unwrap().len(), 1);
+        assert!(store.open_exchanges().unwrap().is_empty());
+    }
+
+    #[test]
+    fn session_counter_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        assert_eq!(Store::open(&path).unwrap().next_session().unwrap(), 1);
+        assert_eq!(Store::open(&path).unwrap().next_session().unwrap(), 2);
+    }
+
+    #[test]
+    fn queue_query_uses_its_index() {
+        let (_dir, store) = open();
+        let plan: Vec<String> = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {NEXT_QUEUED}"))
+            .unwrap()
+            .query_map(params!["routine", 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|l| l.contains("readings_queue")),
+            "plan: {plan:?}"
+        );
+    }
+}

@@ -5,12 +5,12 @@
 //! operator running `certs/make-dev-certs.sh` first. [`DevCerts::generate`]
 //! writes one CA and three leaf certificates (all ECDSA P-256, PEM):
 //!
-//! | file                          | subject                  | used by                       |
-//! |-------------------------------|--------------------------|-------------------------------|
-//! | `ca.crt`                      | CN hearth development CA | both sides, as the only root  |
-//! | `server.crt` / `server.key`   | SAN localhost, 127.0.0.1, ::1 | the broker (server auth) |
-//! | `gateway.crt` / `gateway.key` | CN = gateway id          | hearth (client auth)          |
-//! | `hospital.crt` / `hospital.key` | CN hospital            | a test subscriber (client auth) |
+//! | file                            | subject                       | used by                 |
+//! |---------------------------------|-------------------------------|-------------------------|
+//! | `ca.crt`                        | CN hearth development CA      | both sides, as the root |
+//! | `server.crt` / `server.key`     | SAN localhost, 127.0.0.1, ::1 | the broker              |
+//! | `gateway.crt` / `gateway.key`   | CN = gateway id               | hearth (client)         |
+//! | `hospital.crt` / `hospital.key` | CN hospital                   | a test subscriber       |
 //!
 //! The shapes are chosen so that both rustls/webpki and OpenSSL (mosquitto)
 //! accept them: the CA has `basicConstraints CA:TRUE, pathlen:0` and
@@ -18,7 +18,8 @@
 //! end entity), carries an authority key identifier, and has exactly one
 //! extended key usage. The server name lives in the SAN, never only in the CN.
 //!
-//! Invariant: a private key never exists on disk with a mode other than 0600.
+//! Invariant: a private key is never on disk readable by group or others,
+//! not even for a moment; it ends at mode 0600.
 //! The CA key is not written at all: nothing can be signed with this PKI
 //! after `generate` returns.
 

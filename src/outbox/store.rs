@@ -660,11 +660,15 @@ mod tests {
         let r = reading(1, Priority::Routine);
         let now = Utc::now();
         assert_eq!(
-            store.commit_serial("p", &[r.clone()], &[], now).unwrap(),
+            store
+                .commit_serial("p", std::slice::from_ref(&r), &[], now)
+                .unwrap(),
             [Insert::Stored]
         );
         assert_eq!(
-            store.commit_serial("p", &[r.clone()], &[], now).unwrap(),
+            store
+                .commit_serial("p", std::slice::from_ref(&r), &[], now)
+                .unwrap(),
             [Insert::Duplicate]
         );
         let mut other = r;

@@ -274,20 +274,19 @@ pub struct Rejected {
 
 impl Rejected {
     /// The NAK the gateway answers this run with, as the spec prescribes:
-    /// none for garbage (it was never a frame), and the device id and seq
+    /// garbage too (it may be what is left of a damaged frame), with the device id and seq
     /// only when the checksum held and those two fields are valid, since
     /// otherwise they cannot be trusted.
-    pub fn nak(&self) -> Option<Frame> {
+    pub fn nak(&self) -> Frame {
         let (device_id, seq) = match self.reason {
-            RejectReason::Garbage => return None,
             RejectReason::InvalidField { .. } => self.ids(),
             _ => (None, None),
         };
-        Some(Frame::Nak {
+        Frame::Nak {
             device_id,
             seq,
             reason: self.reason.code().to_owned(),
-        })
+        }
     }
 
     /// Device id and seq (fields 2 and 3 of every frame type) where valid.
@@ -1258,18 +1257,16 @@ mod tests {
 
     #[test]
     fn rejected_frames_map_to_the_nak_the_gateway_sends() {
-        let nak = |device_id: Option<&str>, seq, reason: &str| {
-            Some(Frame::Nak {
-                device_id: device_id.map(Into::into),
-                seq,
-                reason: reason.into(),
-            })
+        let nak = |device_id: Option<&str>, seq, reason: &str| Frame::Nak {
+            device_id: device_id.map(Into::into),
+            seq,
+            reason: reason.into(),
         };
         let nak_for = |bytes: &[u8]| match decode_all(bytes).remove(0) {
             Decoded::Rejected(r) => r.nak(),
             Decoded::Frame(f) => panic!("expected a rejection, decoded {f:?}"),
         };
-        assert_eq!(nak_for(b"junk$"), None);
+        assert_eq!(nak_for(b"junk$"), nak(None, None, "garbage"));
         assert_eq!(
             nak_for(b"$A,ICD-0042,1*0000\r\n"),
             nak(None, None, "checksum")

@@ -182,7 +182,7 @@ impl SerialReader {
             .iter()
             .map(|r| (r.device_id.clone(), r.seq))
             .collect();
-        let naks: Vec<&'static str> = rejected.iter().map(|r| r.reason.code()).collect();
+        let naks: Vec<Frame> = rejected.iter().map(Rejected::nak).collect();
         for r in &rejected {
             tracing::debug!(reason = %r.reason, bytes = r.raw.len(), "Frame rejected.");
         }
@@ -191,15 +191,8 @@ impl SerialReader {
             .call(move |s| s.commit_serial(&port, &readings, &rejected, Utc::now()))
             .await;
         let mut out = Vec::new();
-        for reason in naks {
-            out.extend(
-                Frame::Nak {
-                    device_id: None,
-                    seq: None,
-                    reason: reason.into(),
-                }
-                .encode(),
-            );
+        for nak in naks {
+            out.extend(nak.encode());
         }
         match result {
             Ok(outcomes) => {

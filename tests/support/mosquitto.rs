@@ -11,6 +11,14 @@
 //! loses everything since the last save (sessions, queued and in-flight
 //! messages, retained messages): a test that means "a durable broker crashed"
 //! calls `save` first, one that means "the broker lost its state" does not.
+//!
+//! Broker-made duplicates: mosquitto 2.0.11 restored from `mosquitto.db`
+//! sends an outgoing QoS 2 message that was waiting for the subscriber's
+//! PUBCOMP as a new PUBLISH (DUP=1), not as a PUBREL, so the subscriber
+//! delivers it a second time. A restart or save while a message is on its
+//! way to a subscriber can thus duplicate it whatever the publisher did;
+//! a test that counts deliveries across a restart waits first for
+//! `Received PUBCOMP from <subscriber>` ([`Mosquitto::wait_log`]).
 
 use std::fs::{self, OpenOptions};
 use std::net::{SocketAddr, TcpStream};
@@ -158,6 +166,14 @@ impl Mosquitto {
     /// Everything mosquitto logged, across restarts.
     pub fn log(&self) -> String {
         read_lossy(&self.log)
+    }
+
+    /// Waits until the log contains `needle`, e.g. `Received PUBCOMP from
+    /// hospital-1 (Mid: 3` once a handshake must be over on the broker's side.
+    #[track_caller]
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let what = format!("`{needle}` in the mosquitto log");
+        wait_for(timeout, &what, || self.log().contains(needle).then_some(()));
     }
 
     /// The last `lines` lines of the log, for failure messages.

@@ -66,6 +66,11 @@ pub struct StoreConfig {
     /// Days a delivered reading is kept for the CLI before it is pruned.
     #[serde(default = "defaults::retention_days")]
     pub retention_days: u32,
+    /// Size cap of the database in MiB (fractions allowed). At 90% of it new
+    /// readings are refused with BUSY (the device keeps them) while the
+    /// backlog drains; undelivered readings are never dropped.
+    #[serde(default = "defaults::max_size_mb")]
+    pub max_size_mb: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +119,9 @@ mod defaults {
     }
     pub fn retention_days() -> u32 {
         30
+    }
+    pub fn max_size_mb() -> f64 {
+        1024.0
     }
     pub fn mqtt_port() -> u16 {
         8883
@@ -216,6 +224,15 @@ impl Config {
                 format!(
                     "is in `{}`, which is not a folder: create it",
                     dir.display()
+                ),
+            ));
+        }
+        if !(self.store.max_size_mb.is_finite() && self.store.max_size_mb >= 0.125) {
+            return Err(self.invalid(
+                "store.max_size_mb",
+                format!(
+                    "is {}: use at least 0.125 (128 KiB)",
+                    self.store.max_size_mb
                 ),
             ));
         }

@@ -178,6 +178,7 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
         store: StoreConfig {
             path: dir.join("hearth.db"),
             retention_days: 30,
+            max_size_mb: 64.0,
         },
         mqtt: MqttConfig {
             host: "localhost".into(),

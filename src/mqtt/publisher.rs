@@ -38,6 +38,8 @@ use crate::serial::frame::Priority;
 
 /// Exchanges kept free for alerts when routine readings fill the window.
 const RESERVED_FOR_ALERTS: usize = 2;
+/// Set in `gateway_state` once the broker holds a session for this store.
+const SESSION_KEY: &str = "broker_session";
 /// How long a shutdown waits for the broker to acknowledge the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -97,10 +99,15 @@ impl Publisher {
         let max = Duration::from_secs(self.config.mqtt.reconnect_max_secs);
         let mut attempt: u32 = 0;
         let broker = format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port);
+        // A store that never had a broker session (first start, or a damaged
+        // database replaced) must not inherit one: the broker may hold packet
+        // ids from an earlier store that this one would hand out again.
+        let mut established = self.store.call(|s| s.state(SESSION_KEY)).await?.is_some();
         loop {
             let session = self.store.call(|s| s.next_session()).await?;
             self.record_broker("connecting", "").await;
-            let connect = self.connect_packet(session);
+            let mut connect = self.connect_packet(session);
+            connect.clean_session = !established;
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = Connection::open(
@@ -112,6 +119,15 @@ impl Publisher {
                 ) => r,
             };
             let reason = match opened {
+                Ok((conn, _)) if !established => {
+                    conn.close().await;
+                    self.store
+                        .call(|s| s.set_state(SESSION_KEY, "established"))
+                        .await?;
+                    established = true;
+                    tracing::info!(%broker, "Broker session reset for a new store.");
+                    continue;
+                }
                 Ok((mut conn, connack)) => {
                     attempt = 0;
                     tracing::info!(%broker, session, session_present = connack.session_present, "Connected to broker.");
@@ -348,7 +364,7 @@ impl Publisher {
             let gateway = self.config.gateway_id.clone();
             let alerts = self.config.topic("alerts");
             let readings = self.config.topic("readings");
-            let taken = self
+            let taken = match self
                 .store
                 .call(move |s| {
                     let mut batch = s.next_queued(Priority::Alert, batch_max)?;
@@ -365,7 +381,18 @@ impl Publisher {
                     s.begin_exchange(pkid, &topic, &body, &ids, Utc::now())?;
                     Ok(Some((topic, body, ids.len())))
                 })
-                .await?;
+                .await
+            {
+                Ok(taken) => taken,
+                Err(StoreError::Full { .. }) => {
+                    // Completing open exchanges frees room; a new reading
+                    // (or PUBCOMP) sets the hint again.
+                    tracing::warn!("Store full: no new exchange until space is freed.");
+                    self.backlog_hint = false;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
             let Some((topic, body, n)) = taken else {
                 if routine_allowed {
                     self.backlog_hint = false;

@@ -31,6 +31,18 @@ impl StoreHandle {
         Ok(Self::spawn(store))
     }
 
+    /// Opens the gateway's store: integrity check (a damaged database is
+    /// moved aside, see [`Store::open_checked`]) and size cap. Returns where
+    /// a damaged database was moved, if one was.
+    pub fn open_gateway(
+        path: &Path,
+        max_bytes: u64,
+    ) -> Result<(StoreHandle, Option<std::path::PathBuf>), StoreError> {
+        let (mut store, moved) = Store::open_checked(path)?;
+        store.set_size_cap(max_bytes)?;
+        Ok((Self::spawn(store), moved))
+    }
+
     pub fn spawn(mut store: Store) -> StoreHandle {
         let (jobs, mut rx) = mpsc::channel::<Job>(64);
         std::thread::Builder::new()

@@ -68,6 +68,12 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("cannot move damaged database `{path}` aside to `{to}`: {source}")]
+    MoveAside {
+        path: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the store thread has stopped")]
     Closed,
 }
@@ -155,6 +161,44 @@ pub struct Counts {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Above this many used pages, new readings are refused (BUSY) so that
+    /// the publisher keeps room to drain; `None` means no cap.
+    intake_limit: Option<u64>,
+}
+
+/// Share of the size cap that readings may fill; the rest is headroom for
+/// exchange rows and state updates, so the outbox can always drain.
+const INTAKE_SHARE: f64 = 0.9;
+/// Delivered routine readings deleted at once when the cap is near.
+const PRESSURE_PRUNE_ROWS: i64 = 2000;
+
+fn is_corruption(e: &StoreError) -> bool {
+    let source = match e {
+        StoreError::Open { source, .. } | StoreError::Sql { source, .. } => source,
+        _ => return false,
+    };
+    matches!(
+        source.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Renames the database and its WAL/SHM files to `NAME.corrupt-TIME*`.
+fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+        if from.exists() {
+            std::fs::rename(&from, &to).map_err(|e| StoreError::MoveAside {
+                path: from.clone(),
+                to: to.clone(),
+                source: e,
+            })?;
+        }
+    }
+    Ok(aside)
 }
 
 pub(crate) fn to_ms(t: DateTime<Utc>) -> i64 {
@@ -176,15 +220,105 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_owned(),
+            intake_limit: None,
         };
         store.configure().map_err(|e| store.err(e))?;
         store.migrate()?;
         Ok(store)
     }
 
+    /// Opens the gateway's database after a `PRAGMA quick_check`. A damaged
+    /// database is moved aside (never deleted) and a fresh one is created;
+    /// the second value is then the path it was moved to.
+    pub fn open_checked(path: &Path) -> Result<(Store, Option<PathBuf>), StoreError> {
+        let problem = match Store::open(path) {
+            Ok(store) => match store.quick_check() {
+                Ok(None) => return Ok((store, None)),
+                Ok(Some(problem)) => problem,
+                Err(e) if is_corruption(&e) => e.to_string(),
+                Err(e) => return Err(e),
+            },
+            Err(e) if is_corruption(&e) => e.to_string(),
+            Err(e) => return Err(e),
+        };
+        let aside = move_aside(path)?;
+        tracing::error!(
+            damaged = %path.display(),
+            moved_to = %aside.display(),
+            %problem,
+            "Database is damaged: moved aside, starting a fresh one. Its readings need an operator."
+        );
+        Ok((Store::open(path)?, Some(aside)))
+    }
+
+    /// `None` when `PRAGMA quick_check` finds nothing wrong.
+    pub fn quick_check(&self) -> Result<Option<String>, StoreError> {
+        let lines: Vec<String> = self
+            .conn
+            .prepare("PRAGMA quick_check")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        Ok((lines != ["ok"]).then(|| lines.join("; ")))
+    }
+
+    /// Caps the database file at `max_bytes` (`PRAGMA max_page_count`, so
+    /// deletes still work at the cap) and keeps 10% of it for draining.
+    pub fn set_size_cap(&mut self, max_bytes: u64) -> Result<(), StoreError> {
+        let page_size: u64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let pages = (max_bytes / page_size).max(16);
+        let set: u64 = self
+            .conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))?;
+        self.intake_limit = Some((set as f64 * INTAKE_SHARE) as u64);
+        Ok(())
+    }
+
+    /// Pages in use (file pages less free ones).
+    fn used_pages(&self) -> rusqlite::Result<u64> {
+        let count: u64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: u64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        Ok(count.saturating_sub(free))
+    }
+
+    /// True when new readings fit under the intake limit, after deleting
+    /// the oldest delivered routine readings if needed. Readings not yet
+    /// delivered, and alerts, are never deleted for space.
+    fn make_room(&mut self) -> Result<bool, StoreError> {
+        let Some(limit) = self.intake_limit else {
+            return Ok(true);
+        };
+        if self.used_pages().map_err(|e| self.err(e))? < limit {
+            return Ok(true);
+        }
+        let pruned = self
+            .conn
+            .execute(
+                "DELETE FROM readings WHERE id IN (SELECT id FROM readings
+                 WHERE state = 'delivered' AND priority = 'routine' ORDER BY id LIMIT ?1)",
+                params![PRESSURE_PRUNE_ROWS],
+            )
+            .map_err(|e| self.err(e))?;
+        if pruned > 0 {
+            tracing::info!(
+                pruned,
+                "Store near its size cap: oldest delivered routine readings deleted before their retention ended."
+            );
+        }
+        Ok(self.used_pages().map_err(|e| self.err(e))? < limit)
+    }
+
     /// Opens an existing database read-only, for the CLI; safe while
     /// `hearth run` writes to it (WAL readers never block the writer).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let intake_limit = None;
         if !path.exists() {
             return Err(StoreError::Missing(path.to_owned()));
         }
@@ -204,6 +338,7 @@ impl Store {
         Ok(Store {
             conn,
             path: path.to_owned(),
+            intake_limit,
         })
     }
 
@@ -275,6 +410,11 @@ impl Store {
         rejected: &[Rejected],
         now: DateTime<Utc>,
     ) -> Result<Vec<Insert>, StoreError> {
+        if !readings.is_empty() && !self.make_room()? {
+            return Err(StoreError::Full {
+                path: self.path.clone(),
+            });
+        }
         let result = (|| {
             let tx = self.conn.transaction()?;
             let mut outcomes = Vec::with_capacity(readings.len());

@@ -198,6 +198,7 @@ impl SerialReader {
             Ok(outcomes) => {
                 if self.alarms.clear("store-full") {
                     tracing::info!("Store accepts readings again.");
+                    self.alarms.record(&self.store).await;
                 }
                 let mut stored = 0;
                 for ((device_id, seq), outcome) in keys.into_iter().zip(outcomes) {
@@ -221,6 +222,7 @@ impl SerialReader {
                 if matches!(e, StoreError::Full { .. }) {
                     if self.alarms.raise("store-full") {
                         tracing::error!(error = %e, "Store is full: the device is told BUSY and keeps its readings.");
+                        self.alarms.record(&self.store).await;
                     }
                 } else {
                     tracing::error!(error = %e, "Cannot store readings: the device is told BUSY and keeps them.");

@@ -118,11 +118,19 @@ pub fn sigkill(pid: u32) {
 /// exited but was not yet waited for still exists (as a zombie).
 #[track_caller]
 pub fn signal(pid: u32, sig: libc::c_int, name: &str) {
-    let pid_t = libc::pid_t::try_from(pid).expect("pid fits in pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid_t, sig) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = send_signal(pid, sig) {
         panic!("cannot send {name} to process {pid}: {err}");
+    }
+}
+
+/// Sends `sig` to `pid`, for callers that must not panic (`Drop`).
+pub fn send_signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

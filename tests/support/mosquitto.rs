@@ -227,7 +227,7 @@ impl Mosquitto {
             .append(true)
             .open(&self.stderr)
             .unwrap_or_else(|err| panic!("cannot open `{}`: {err}", self.stderr.display()));
-        let child = Command::new("mosquitto")
+        let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -313,6 +313,17 @@ impl Drop for Mosquitto {
             let _ = child.wait();
         }
     }
+}
+
+/// `mosquitto` from `PATH`, or from `/usr/sbin` where Debian puts it (not
+/// in a normal user's `PATH`).
+fn mosquitto_bin() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("mosquitto"))
+        .find(|bin| bin.is_file())
+        .unwrap_or_else(|| PathBuf::from("mosquitto"))
 }
 
 fn inode(path: &Path) -> Option<u64> {

@@ -27,14 +27,14 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hearth::certs::DevCerts;
 
 use super::mosquitto::{HOST, Mosquitto};
-use super::sigkill;
+use super::send_signal;
 
 /// How long [`Subscriber::start`] waits for the SUBACK.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +76,14 @@ struct Shared {
     changed: Condvar,
 }
 
+impl Shared {
+    /// The state, also after a panic elsewhere (a failed assertion must not
+    /// turn into an abort when the [`Subscriber`] is dropped while unwinding).
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 #[derive(Default)]
 struct State {
     deliveries: Vec<Delivery>,
@@ -85,6 +93,8 @@ struct State {
     refused: Option<String>,
     /// How many times mosquitto_sub was started.
     spawns: usize,
+    /// mosquitto_sub could not be run at all.
+    unrunnable: bool,
     /// The running mosquitto_sub, while it may still be signalled.
     pid: Option<u32>,
     stopping: bool,
@@ -158,7 +168,7 @@ impl Subscriber {
     /// The next delivery not yet returned by `next` or
     /// [`collect_until`](Self::collect_until), waiting up to `timeout`.
     pub fn next(&self, timeout: Duration) -> Option<Delivery> {
-        let mut cursor = self.cursor.lock().unwrap();
+        let mut cursor = self.cursor.lock().unwrap_or_else(PoisonError::into_inner);
         let state = self.wait(timeout, |state| state.deliveries.len() > *cursor);
         let delivery = state.deliveries.get(*cursor).cloned()?;
         *cursor += 1;
@@ -173,7 +183,7 @@ impl Subscriber {
         timeout: Duration,
         mut pred: impl FnMut(&[Delivery]) -> bool,
     ) -> Vec<Delivery> {
-        let mut cursor = self.cursor.lock().unwrap();
+        let mut cursor = self.cursor.lock().unwrap_or_else(PoisonError::into_inner);
         let from = *cursor;
         let state = self.wait(timeout, |state| pred(&state.deliveries[from..]));
         *cursor = state.deliveries.len();
@@ -182,7 +192,7 @@ impl Subscriber {
 
     /// Everything received so far, taken or not.
     pub fn all(&self) -> Vec<Delivery> {
-        self.shared.state.lock().unwrap().deliveries.clone()
+        self.shared.lock().deliveries.clone()
     }
 
     /// Waits until the broker has acknowledged `count` subscriptions in all,
@@ -191,38 +201,38 @@ impl Subscriber {
     #[track_caller]
     pub fn wait_subscribed(&self, count: usize, timeout: Duration) {
         let state = self.wait(timeout, |state| {
-            state.subacks >= count || state.refused.is_some()
+            state.subacks >= count || state.refused.is_some() || state.unrunnable
         });
-        if let Some(topic) = &state.refused {
-            panic!(
-                "broker refused subscription `{topic}` of `{}`\n{}",
-                self.client_id,
-                transcript(&state)
-            );
-        }
-        if state.subacks < count {
-            panic!(
-                "`{}` saw {} of {count} SUBACKs within {timeout:?}\n{}",
-                self.client_id,
-                state.subacks,
-                transcript(&state)
-            );
-        }
+        let failure = if let Some(topic) = &state.refused {
+            format!("broker refused subscription `{topic}`")
+        } else if state.unrunnable {
+            "mosquitto_sub cannot be run".to_owned()
+        } else if state.subacks < count {
+            format!(
+                "saw {} of {count} SUBACKs within {timeout:?}",
+                state.subacks
+            )
+        } else {
+            return;
+        };
+        let transcript = transcript(&state);
+        drop(state);
+        panic!("`{}`: {failure}\n{transcript}", self.client_id);
     }
 
     /// SUBACKs received so far; grows by one each time the client is back.
     pub fn subscribed_count(&self) -> usize {
-        self.shared.state.lock().unwrap().subacks
+        self.shared.lock().subacks
     }
 
     /// How many times mosquitto_sub was started (1 + restarts after it exited).
     pub fn spawns(&self) -> usize {
-        self.shared.state.lock().unwrap().spawns
+        self.shared.lock().spawns
     }
 
     /// mosquitto_sub's recent debug output and errors, for failure messages.
     pub fn transcript(&self) -> String {
-        transcript(&self.shared.state.lock().unwrap())
+        transcript(&self.shared.lock())
     }
 
     /// Blocks until `done` holds or `timeout` passes; returns the state.
@@ -232,13 +242,18 @@ impl Subscriber {
         mut done: impl FnMut(&State) -> bool,
     ) -> MutexGuard<'_, State> {
         let deadline = Instant::now() + timeout;
-        let mut state = self.shared.state.lock().unwrap();
+        let mut state = self.shared.lock();
         while !done(&state) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            state = self.shared.changed.wait_timeout(state, left).unwrap().0;
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         state
     }
@@ -247,13 +262,13 @@ impl Subscriber {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         {
-            let mut state = self.shared.state.lock().unwrap();
+            let mut state = self.shared.lock();
             state.stopping = true;
             // The pid is set only while the child is unreaped (the
             // supervisor clears it before waiting), so it cannot have been
             // reused by another process.
             if let Some(pid) = state.pid {
-                sigkill(pid);
+                let _ = send_signal(pid, libc::SIGKILL);
             }
         }
         self.shared.changed.notify_all();
@@ -267,7 +282,7 @@ impl Drop for Subscriber {
 fn supervise(mut command: Command, shared: &Shared) {
     loop {
         let mut child = {
-            let mut state = shared.state.lock().unwrap();
+            let mut state = shared.lock();
             if state.stopping {
                 return;
             }
@@ -278,7 +293,7 @@ fn supervise(mut command: Command, shared: &Shared) {
                         "cannot run `stdbuf -oL mosquitto_sub` (is the Debian package \
                          `mosquitto-clients` installed?): {err}"
                     ));
-                    state.stopping = true;
+                    state.unrunnable = true;
                     shared.changed.notify_all();
                     return;
                 }
@@ -295,9 +310,9 @@ fn supervise(mut command: Command, shared: &Shared) {
         });
         // stdout closed: the process is exiting. Forget its pid before
         // reaping it (see Drop).
-        shared.state.lock().unwrap().pid = None;
+        shared.lock().pid = None;
         let status = child.wait();
-        let mut state = shared.state.lock().unwrap();
+        let mut state = shared.lock();
         state.note(format!("mosquitto_sub exited: {status:?}"));
         shared.changed.notify_all();
         if state.stopping {
@@ -307,14 +322,14 @@ fn supervise(mut command: Command, shared: &Shared) {
         let _ = shared
             .changed
             .wait_timeout_while(state, RESPAWN_DELAY, |state| !state.stopping)
-            .unwrap();
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
 fn read_stdout(stdout: impl Read, shared: &Shared) {
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
-        let mut state = shared.state.lock().unwrap();
+        let mut state = shared.lock();
         if let Some(json) = line.strip_prefix(DELIVERY_PREFIX) {
             match parse_delivery(json) {
                 Some(delivery) => state.deliveries.push(delivery),
@@ -338,7 +353,7 @@ fn read_stdout(stdout: impl Read, shared: &Shared) {
 fn read_stderr(stderr: impl Read, shared: &Shared) {
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
-        shared.state.lock().unwrap().note(format!("stderr: {line}"));
+        shared.lock().note(format!("stderr: {line}"));
     }
 }
 
@@ -348,7 +363,10 @@ fn parse_delivery(json: &str) -> Option<Delivery> {
     let at = Instant::now();
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
     let topic = value.get("topic")?.as_str()?.to_owned();
-    let retained = value.get("retain")?.as_u64()? != 0;
+    let retain = value.get("retain")?;
+    let retained = retain
+        .as_bool()
+        .or_else(|| retain.as_u64().map(|r| r != 0))?;
     let qos = u8::try_from(value.get("qos")?.as_u64()?).ok()?;
     let raw = value.get("payload")?.as_str()?;
     let payload =

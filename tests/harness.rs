@@ -1,0 +1,303 @@
+//! The hearth side of the integration tests: the real `hearth` binary run
+//! as `hearth run` and `hearth simulate`, with configs written per test.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hearth::certs::DevCerts;
+use serde_json::Value;
+
+use crate::support::{self, Mosquitto, TestDir, hearth_bin};
+
+/// A test's world: a temp dir, certificates and a running mosquitto.
+pub struct Rig {
+    pub certs: DevCerts,
+    pub broker: Mosquitto,
+    pub dir: TestDir,
+}
+
+impl Rig {
+    pub fn new(gateway_id: &str) -> Rig {
+        let dir = TestDir::new();
+        let certs = DevCerts::generate(&dir.subdir("certs"), gateway_id).expect("dev certs");
+        let broker = Mosquitto::start(&dir.subdir("broker"), &certs);
+        Rig { certs, broker, dir }
+    }
+
+    /// A config file for a gateway on `serial` talking to `mqtt_port`
+    /// (the broker's own port unless a proxy sits between).
+    pub fn config(&self, gw: &GatewayOpts, serial: &Path) -> PathBuf {
+        let path = self.dir.join(format!("{}.toml", gw.id));
+        let text = format!(
+            r#"gateway_id = "{id}"
+log_level = "info,hearth=debug"
+[serial]
+port = "{serial}"
+[store]
+path = "{db}"
+max_size_mb = {max_size_mb}
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+keep_alive_secs = {keep_alive}
+heartbeat_secs = {heartbeat}
+max_inflight = {inflight}
+batch_max_readings = {batch}
+reconnect_min_ms = 100
+reconnect_max_secs = 2
+"#,
+            id = gw.id,
+            serial = serial.display(),
+            db = self.db(gw).display(),
+            max_size_mb = gw.max_size_mb,
+            port = gw.mqtt_port.unwrap_or(self.broker.port),
+            ca = self.certs.ca_cert.display(),
+            cert = self.certs.gateway_cert.display(),
+            key = self.certs.gateway_key.display(),
+            keep_alive = gw.keep_alive,
+            heartbeat = gw.heartbeat,
+            inflight = gw.max_inflight,
+            batch = gw.batch,
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    pub fn db(&self, gw: &GatewayOpts) -> PathBuf {
+        self.dir.join(format!("{}.db", gw.id))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayOpts {
+    pub id: String,
+    pub mqtt_port: Option<u16>,
+    pub keep_alive: u16,
+    pub heartbeat: u64,
+    pub max_inflight: u16,
+    pub batch: usize,
+    pub max_size_mb: f64,
+}
+
+impl GatewayOpts {
+    pub fn new(id: &str) -> GatewayOpts {
+        GatewayOpts {
+            id: id.into(),
+            mqtt_port: None,
+            keep_alive: 5,
+            heartbeat: 60,
+            max_inflight: 16,
+            batch: 32,
+            max_size_mb: 64.0,
+        }
+    }
+}
+
+/// A running `hearth run`; killed on drop. Its stderr goes to a log file
+/// that survives restarts (appended).
+pub struct Hearth {
+    child: Option<Child>,
+    pub log: PathBuf,
+    config: PathBuf,
+}
+
+impl Hearth {
+    pub fn start(config: &Path) -> Hearth {
+        let log = config.with_extension("log");
+        let mut h = Hearth {
+            child: None,
+            log,
+            config: config.to_owned(),
+        };
+        h.spawn();
+        h
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open hearth log");
+        let child = Command::new(hearth_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hearth run");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("hearth is running").id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            support::sigkill(c.id());
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("hearth is running");
+        support::sigterm(c.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait hearth") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hearth did not stop within 20 s of SIGTERM\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "hearth is still running");
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` `n` times.
+    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) {
+        support::wait_for(
+            timeout,
+            &format!("{n} x `{needle}` in hearth's log"),
+            || (self.log_text().matches(needle).count() >= n).then_some(()),
+        );
+    }
+}
+
+impl Drop for Hearth {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running `hearth simulate --pty`; killed on drop.
+pub struct Sim {
+    child: Option<Child>,
+    pub pty: PathBuf,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Sim {
+    /// Starts the simulator on a new pty with extra `args`; returns once it
+    /// printed the pty's path.
+    pub fn start(args: &[&str]) -> Sim {
+        let mut child = Command::new(hearth_bin())
+            .args(["simulate", "--pty", "--json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hearth simulate");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the simulator printed no pty path");
+        let pty = first
+            .strip_prefix("pty: ")
+            .unwrap_or_else(|| panic!("unexpected first line from the simulator: {first}"))
+            .into();
+        Sim {
+            child: Some(child),
+            pty,
+            lines,
+        }
+    }
+
+    /// Waits for the simulator to finish; returns its JSON summary.
+    pub fn finish(mut self, timeout: Duration) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| panic!("the simulator did not finish within {timeout:?}"));
+        let status = self
+            .child
+            .take()
+            .expect("running")
+            .wait()
+            .expect("wait simulator");
+        assert!(status.success(), "simulator failed: {status}");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad summary `{line}`: {e}"))
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `hearth ARGS`; returns (exit code, stdout, stderr).
+pub fn hearth(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(hearth_bin())
+        .args(args)
+        .env_remove("HEARTH_CONFIG")
+        .output()
+        .expect("run hearth");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `hearth readings list --format json` for `config`.
+pub fn readings(config: &Path, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["readings", "list", "--format", "json", "--config"];
+    let c = config.to_str().expect("utf-8 path");
+    args.push(c);
+    args.extend_from_slice(extra);
+    let (code, out, err) = hearth(&args);
+    assert_eq!(code, 0, "readings list failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from readings list: {e}\n{out}"))
+}
+
+/// The reading ids in a `readings`/`alerts` payload.
+pub fn ids(payload: &Value) -> Vec<String> {
+    payload["readings"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -4,34 +4,48 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-/// A shared, cloneable set of alarm codes such as `store-full`.
+use tokio::sync::Notify;
+
+/// A shared, cloneable set of alarm codes such as `store-full`; a change
+/// wakes [`Alarms::changed`] so the hospital hears of it at once.
 #[derive(Debug, Clone, Default)]
-pub struct Alarms(Arc<Mutex<BTreeSet<&'static str>>>);
+pub struct Alarms {
+    set: Arc<Mutex<BTreeSet<&'static str>>>,
+    changed: Arc<Notify>,
+}
 
 impl Alarms {
     /// Raises an alarm; returns true if it was not active before.
     pub fn raise(&self, code: &'static str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(code)
+        let new = self.lock().insert(code);
+        if new {
+            self.changed.notify_one();
+        }
+        new
     }
 
     /// Clears an alarm; returns true if it was active.
     pub fn clear(&self, code: &'static str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(code)
+        let was = self.lock().remove(code);
+        if was {
+            self.changed.notify_one();
+        }
+        was
     }
 
     pub fn active(&self) -> Vec<String> {
-        let set = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        set.iter().map(|s| s.to_string()).collect()
+        self.lock().iter().map(|s| s.to_string()).collect()
     }
-}
 
-impl Alarms {
+    /// Resolves after an alarm was raised or cleared.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {
+        self.set.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Writes the active alarms to the store for `hearth status`.
     pub async fn record(&self, store: &crate::outbox::StoreHandle) {
         let value = serde_json::to_string(&self.active()).unwrap_or_default();

@@ -96,10 +96,12 @@ pub struct MqttConfig {
     /// How often the retained status is refreshed while online.
     #[serde(default = "defaults::heartbeat_secs")]
     pub heartbeat_secs: u64,
-    /// Most QoS 2 exchanges open at once.
+    /// Most QoS 2 exchanges open at once. Keep it below the broker's limit
+    /// on incoming messages in flight (mosquitto: `max_inflight_messages`,
+    /// default 20): over MQTT 3.1.1 a broker may drop what exceeds it.
     #[serde(default = "defaults::max_inflight")]
     pub max_inflight: u16,
-    /// Most readings in one routine message.
+    /// Most readings in one message (routine or alerts).
     #[serde(default = "defaults::batch_max_readings")]
     pub batch_max_readings: usize,
     /// First reconnect delay; doubles up to `reconnect_max_secs`, with jitter.
@@ -136,7 +138,7 @@ mod defaults {
         60
     }
     pub fn max_inflight() -> u16 {
-        16
+        10
     }
     pub fn batch_max_readings() -> usize {
         64

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::harness::{GatewayOpts, Hearth, Rig, Sim, ids, readings};
 use crate::support::{Delivery, Subscriber};
 
-fn reading_deliveries(all: &[Delivery]) -> Vec<(String, Value)> {
+pub fn reading_deliveries(all: &[Delivery]) -> Vec<(String, Value)> {
     all.iter()
         .filter(|d| !d.topic.ends_with("/status"))
         .flat_map(|d| {
@@ -52,7 +52,7 @@ fn thousand_readings_reach_the_subscriber_exactly_once_in_seq_order() {
 
     let summary = sim.finish(Duration::from_secs(120));
     assert_eq!(summary["acked"], 1000, "{summary}");
-    let got = sub.collect_until(Duration::from_secs(60), |all| {
+    let got = sub.wait_all(Duration::from_secs(60), |all| {
         reading_deliveries(all).len() >= 1000
     });
     let deliveries = reading_deliveries(&got);

@@ -1,6 +1,9 @@
 //! All integration tests, compiled into one binary (`autotests = false`).
 
+mod bad_input;
+mod crash;
 mod e2e;
 mod harness;
 mod support;
+mod support_kit_selftest;
 mod support_selftest;

@@ -22,6 +22,8 @@ use tokio_rustls::client::TlsStream;
 const MAX_INCOMING: usize = 64 * 1024;
 /// Largest packet we send: a batch of readings must fit.
 pub const MAX_OUTGOING: usize = 256 * 1024;
+/// Longest each closing step may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -67,6 +69,18 @@ impl Connection {
         connect: Connect,
         io_timeout: Duration,
     ) -> Result<(Connection, ConnAck), ConnectionError> {
+        let mut conn = Self::handshake(host, port, tls, io_timeout).await?;
+        let ack = conn.connect(connect).await?;
+        Ok((conn, ack))
+    }
+
+    /// TCP and TLS only: the caller records what it must before CONNECT.
+    pub async fn handshake(
+        host: &str,
+        port: u16,
+        tls: Arc<ClientConfig>,
+        io_timeout: Duration,
+    ) -> Result<Connection, ConnectionError> {
         let addr = format!("{host}:{port}");
         let tcp = timeout(io_timeout, TcpStream::connect(&addr))
             .await?
@@ -83,15 +97,19 @@ impl Connection {
                 host: host.to_owned(),
                 source,
             })?;
-        let mut conn = Connection {
+        Ok(Connection {
             stream,
             read_buf: BytesMut::with_capacity(4096),
             write_buf: BytesMut::with_capacity(4096),
             io_timeout,
-        };
-        conn.send(&[Packet::Connect(connect)]).await?;
-        match timeout(io_timeout, conn.read()).await?? {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok((conn, ack)),
+        })
+    }
+
+    /// CONNECT, then waits for CONNACK.
+    pub async fn connect(&mut self, connect: Connect) -> Result<ConnAck, ConnectionError> {
+        self.send(&[Packet::Connect(connect)]).await?;
+        match timeout(self.io_timeout, self.read()).await?? {
+            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(ack),
             Packet::ConnAck(ack) => Err(ConnectionError::Refused(ack.code)),
             other => Err(ConnectionError::NoConnAck(Box::new(other))),
         }
@@ -128,8 +146,10 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends DISCONNECT and closes TLS; errors are irrelevant by then.
+    /// Sends DISCONNECT and closes TLS, within about a second; errors are
+    /// irrelevant by then.
     pub async fn close(mut self) {
+        self.io_timeout = self.io_timeout.min(CLOSE_TIMEOUT);
         let _ = self.send(&[Packet::Disconnect]).await;
         let _ = timeout(self.io_timeout, self.stream.shutdown()).await;
     }

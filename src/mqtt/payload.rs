@@ -85,6 +85,8 @@ pub enum Reason {
     Connected,
     /// The periodic refresh while online.
     Heartbeat,
+    /// An alarm was raised or cleared (see `alarms`).
+    Alarm,
     /// The gateway stops on SIGTERM/SIGINT.
     Shutdown,
     /// The last will: the broker lost us without a DISCONNECT.

@@ -15,6 +15,16 @@
 //! 5. Without the broker's session (CONNACK `session_present = false`) the
 //!    open exchanges are void: their readings are queued again (WARN, counted)
 //!    and the receiver deduplicates by reading id.
+//! 6. A CONNECT is recorded as pending before it is written and settled with
+//!    its CONNACK in one transaction. If a CONNACK was never seen (crash or
+//!    cut in between), that CONNECT may have met a broker that had lost our
+//!    session and made an empty one, which answers any PUBREL with PUBCOMP;
+//!    so exchanges past PUBREC keep their ids but their readings are queued
+//!    again. MQTT 3.1.1 cannot tell the two cases apart: hearth chooses a
+//!    possible duplicate (deduplicated by id) over a possible loss.
+//! 7. PUBCOMP counts only for an exchange past PUBREC; a PUBREC for an id we
+//!    have no record of is not released (that could deliver twice) and the id
+//!    stays unused on that connection.
 //!
 //! Alerts go before routine readings, and two exchanges are kept free for
 //! them, so an alert never waits behind a routine backlog.
@@ -24,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rumqttc::{ConnAck, Connect, LastWill, Packet, PubRel, Publish, QoS};
+use rumqttc::{Connect, LastWill, Packet, PubRel, Publish, QoS};
 use rustls::ClientConfig;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +48,10 @@ use crate::serial::frame::Priority;
 
 /// Exchanges kept free for alerts when routine readings fill the window.
 const RESERVED_FOR_ALERTS: usize = 2;
+/// Largest batch payload: well under the connection's packet limit.
+const MAX_PAYLOAD: usize = super::connection::MAX_OUTGOING - 1024;
+/// A link that held this long resets the reconnect backoff.
+const STABLE_LINK: Duration = Duration::from_secs(30);
 /// Set in `gateway_state` once the broker holds a session for this store.
 const SESSION_KEY: &str = "broker_session";
 /// How long a shutdown waits for the broker to acknowledge the offline status.
@@ -60,6 +74,14 @@ enum Slot {
     Readings { released: bool },
     /// A QoS 1 status message, not recorded (a new one is sent on connect).
     Status,
+    /// An id the broker holds without our record: never used on this link.
+    Blocked,
+}
+
+/// What the reconnect loop does after a connection.
+enum Flow {
+    Stop,
+    Again,
 }
 
 pub struct Publisher {
@@ -73,6 +95,8 @@ pub struct Publisher {
     /// store's notification.
     backlog_hint: bool,
     ping_sent: Option<Instant>,
+    /// A CONNACK was seen on the current connection.
+    connected: bool,
 }
 
 impl Publisher {
@@ -91,75 +115,41 @@ impl Publisher {
             next_pkid: 1,
             backlog_hint: true,
             ping_sent: None,
+            connected: false,
         }
     }
 
+    /// Connects, serves, reconnects with capped jittered backoff; returns
+    /// on shutdown. A store error drops the link (nothing unrecorded is ever
+    /// written) and is retried like a link error.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), PublishError> {
         let min = Duration::from_millis(self.config.mqtt.reconnect_min_ms);
         let max = Duration::from_secs(self.config.mqtt.reconnect_max_secs);
-        let mut attempt: u32 = 0;
         let broker = format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port);
-        // A store that never had a broker session (first start, or a damaged
-        // database replaced) must not inherit one: the broker may hold packet
-        // ids from an earlier store that this one would hand out again.
-        let mut established = self.store.call(|s| s.state(SESSION_KEY)).await?.is_some();
+        let mut attempt: u32 = 0;
         loop {
-            let session = self.store.call(|s| s.next_session()).await?;
-            self.record_broker("connecting", "").await;
-            let mut connect = self.connect_packet(session);
-            connect.clean_session = !established;
-            let opened = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = Connection::open(
-                    &self.config.mqtt.host,
-                    self.config.mqtt.port,
-                    self.tls.clone(),
-                    connect,
-                    self.config.keep_alive(),
-                ) => r,
+            let started = Instant::now();
+            self.connected = false;
+            let error = match self.connect_and_serve(&shutdown).await {
+                Ok(Flow::Stop) => break,
+                Ok(Flow::Again) => continue,
+                Err(e) => e,
             };
-            let reason = match opened {
-                Ok((conn, _)) if !established => {
-                    conn.close().await;
-                    self.store
-                        .call(|s| s.set_state(SESSION_KEY, "established"))
-                        .await?;
-                    established = true;
-                    tracing::info!(%broker, "Broker session reset for a new store.");
-                    continue;
-                }
-                Ok((mut conn, connack)) => {
-                    attempt = 0;
-                    tracing::info!(%broker, session, session_present = connack.session_present, "Connected to broker.");
-                    self.record_broker("connected", "").await;
-                    match self.serve(&mut conn, connack, session, &shutdown).await {
-                        Ok(()) => {
-                            conn.close().await;
-                            self.record_broker("disconnected", "shutdown").await;
-                            return Ok(());
-                        }
-                        Err(PublishError::Store(e)) => {
-                            // Never write a packet whose record failed: drop
-                            // the link and try again later.
-                            tracing::error!(error = %e, "Store failed; dropping the broker link.");
-                            e.to_string()
-                        }
-                        Err(e) => {
-                            tracing::warn!(%broker, error = %e, "Broker connection lost.");
-                            e.to_string()
-                        }
-                    }
-                }
-                Err(e) => {
-                    if attempt == 0 {
-                        tracing::warn!(%broker, error = %e, "Cannot connect to broker; retrying with backoff.");
-                    } else {
-                        tracing::debug!(%broker, error = %e, attempt, "Reconnect failed.");
-                    }
-                    e.to_string()
-                }
-            };
-            self.record_broker("disconnected", &reason).await;
+            if matches!(error, PublishError::Store(_)) {
+                tracing::error!(error = %error, "Store failed; dropping the broker link.");
+            } else if self.connected {
+                tracing::warn!(%broker, error = %error, "Broker connection lost.");
+            } else if attempt == 0 {
+                tracing::warn!(%broker, error = %error, "Cannot connect to broker; retrying with backoff.");
+            } else {
+                tracing::debug!(%broker, error = %error, attempt, "Reconnect failed.");
+            }
+            self.record_broker("disconnected", &error.to_string()).await;
+            // Only a link that held for a while resets the backoff, so a
+            // broker that drops us at once is not hammered.
+            if started.elapsed() >= STABLE_LINK {
+                attempt = 0;
+            }
             let delay = backoff(min, max, attempt);
             attempt = attempt.saturating_add(1);
             tokio::select! {
@@ -169,6 +159,77 @@ impl Publisher {
         }
         self.record_broker("disconnected", "shutdown").await;
         Ok(())
+    }
+
+    /// One connection: TLS, the durable pending-CONNECT record, CONNECT,
+    /// settling the open exchanges with what CONNACK says, then serving.
+    async fn connect_and_serve(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Flow, PublishError> {
+        // A store that never had a broker session (first start, or a damaged
+        // database replaced) must not inherit one: the broker may hold packet
+        // ids from an earlier store that this one would hand out again.
+        let established = self.store.call(|s| s.state(SESSION_KEY)).await?.is_some();
+        self.record_broker("connecting", "").await;
+        let mut conn = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Flow::Stop),
+            r = Connection::handshake(
+                &self.config.mqtt.host,
+                self.config.mqtt.port,
+                self.tls.clone(),
+                self.config.keep_alive(),
+            ) => r?,
+        };
+        let (session, unseen) = self.store.call(|s| s.begin_connect()).await?;
+        let mut connect = self.connect_packet(session);
+        connect.clean_session = !established;
+        let connack = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Flow::Stop),
+            r = conn.connect(connect) => match r {
+                Ok(ack) => ack,
+                Err(e @ ConnectionError::Refused(_)) => {
+                    self.store.call(|s| s.connect_refused()).await?;
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if !established {
+            // The clean session discarded whatever the broker held for us.
+            let requeued = self
+                .store
+                .call(move |s| s.settle_connack(false, unseen))
+                .await?;
+            conn.close().await;
+            self.store
+                .call(|s| s.set_state(SESSION_KEY, "established"))
+                .await?;
+            tracing::info!(requeued, "Broker session reset for a new store.");
+            return Ok(Flow::Again);
+        }
+        let present = connack.session_present;
+        let requeued = self
+            .store
+            .call(move |s| s.settle_connack(present, unseen))
+            .await?;
+        if requeued > 0 && !present {
+            tracing::warn!(
+                requeued,
+                "Broker has no session for this gateway; readings in flight were queued again."
+            );
+        } else if requeued > 0 {
+            tracing::warn!(
+                requeued,
+                "An earlier CONNECT got no CONNACK, so the broker's session may be new; readings past PUBREC were queued again."
+            );
+        }
+        self.connected = true;
+        tracing::info!(session, session_present = present, "Connected to broker.");
+        self.record_broker("connected", "").await;
+        self.serve(&mut conn, session, shutdown).await?;
+        conn.close().await;
+        Ok(Flow::Stop)
     }
 
     fn connect_packet(&self, session: u64) -> Connect {
@@ -192,7 +253,10 @@ impl Publisher {
         backlog: Option<Backlog>,
         devices: Vec<DeviceSeen>,
     ) -> Status {
-        let online = matches!(reason, Reason::Connected | Reason::Heartbeat);
+        let online = matches!(
+            reason,
+            Reason::Connected | Reason::Heartbeat | Reason::Alarm
+        );
         Status {
             schema: payload::SCHEMA,
             gateway: self.config.gateway_id.clone(),
@@ -226,14 +290,13 @@ impl Publisher {
     async fn serve(
         &mut self,
         conn: &mut Connection,
-        connack: ConnAck,
         session: u64,
         shutdown: &CancellationToken,
     ) -> Result<(), PublishError> {
         self.slots.clear();
         self.ping_sent = None;
         self.backlog_hint = true;
-        self.resume(conn, connack.session_present).await?;
+        self.resume(conn).await?;
         self.publish_status(conn, Reason::Connected, session)
             .await?;
 
@@ -256,6 +319,8 @@ impl Publisher {
                 packet = conn.read() => self.handle(conn, packet?).await?,
                 _ = self.store.queued() => self.backlog_hint = true,
                 _ = ping.tick() => {
+                    // Also a periodic recheck, e.g. after the store was full.
+                    self.backlog_hint = true;
                     if let Some(sent) = self.ping_sent {
                         if sent.elapsed() >= keep_alive {
                             return Err(PublishError::PingTimeout(keep_alive));
@@ -265,6 +330,9 @@ impl Publisher {
                         self.ping_sent = Some(Instant::now());
                     }
                 }
+                _ = self.alarms.changed() => {
+                    self.publish_status(conn, Reason::Alarm, session).await?;
+                }
                 _ = heartbeat.tick() => {
                     self.publish_status(conn, Reason::Heartbeat, session).await?;
                 }
@@ -272,39 +340,9 @@ impl Publisher {
         }
     }
 
-    /// Finishes what the store says is open (invariant 4), or voids it when
-    /// the broker has no session for us (invariant 5).
-    async fn resume(
-        &mut self,
-        conn: &mut Connection,
-        session_present: bool,
-    ) -> Result<(), PublishError> {
-        if !session_present {
-            let requeued = self.store.call(|s| s.requeue_inflight()).await?;
-            if requeued > 0 {
-                tracing::warn!(
-                    requeued,
-                    "Broker has no session for this gateway; readings in flight were queued again."
-                );
-                self.store
-                    .call(move |s| {
-                        let total = s
-                            .state("requeued_after_lost_session")?
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .unwrap_or(0);
-                        s.set_state(
-                            "requeued_after_lost_session",
-                            &(total + requeued as u64).to_string(),
-                        )?;
-                        s.set_state(
-                            "last_lost_session",
-                            &Utc::now().timestamp_millis().to_string(),
-                        )
-                    })
-                    .await?;
-            }
-            return Ok(());
-        }
+    /// Finishes what the store says is open (invariant 4), oldest first,
+    /// before anything new is sent.
+    async fn resume(&mut self, conn: &mut Connection) -> Result<(), PublishError> {
         let open = self.store.call(|s| s.open_exchanges()).await?;
         if open.is_empty() {
             return Ok(());
@@ -376,7 +414,12 @@ impl Publisher {
                     if batch.is_empty() {
                         return Ok(None);
                     }
-                    let body = payload::batch(&gateway, &batch);
+                    let mut body = payload::batch(&gateway, &batch);
+                    // Long ids can make a full batch too large for one packet.
+                    while body.len() > MAX_PAYLOAD && batch.len() > 1 {
+                        batch.truncate(batch.len() / 2);
+                        body = payload::batch(&gateway, &batch);
+                    }
                     let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
                     s.begin_exchange(pkid, &topic, &body, &ids, Utc::now())?;
                     Ok(Some((topic, body, ids.len())))
@@ -385,8 +428,8 @@ impl Publisher {
             {
                 Ok(taken) => taken,
                 Err(StoreError::Full { .. }) => {
-                    // Completing open exchanges frees room; a new reading
-                    // (or PUBCOMP) sets the hint again.
+                    // Completing open exchanges frees room; PUBCOMP and the
+                    // ping tick set the hint again.
                     tracing::warn!("Store full: no new exchange until space is freed.");
                     self.backlog_hint = false;
                     return Ok(());
@@ -418,21 +461,30 @@ impl Publisher {
                         self.slots.insert(pkid, Slot::Readings { released: true });
                     }
                     Some(Slot::Readings { released: true }) => {}
-                    Some(Slot::Status) => {
-                        tracing::warn!(pkid, "PUBREC for a QoS 1 status; ignored.");
+                    Some(Slot::Status | Slot::Blocked) => {
+                        tracing::warn!(
+                            pkid,
+                            "PUBREC for a packet id with no QoS 2 exchange; ignored."
+                        );
                         return Ok(());
                     }
                     None => {
-                        // The broker holds a message we have no record of;
-                        // releasing it is the only way to free the id.
-                        tracing::warn!(pkid, "PUBREC for an unknown packet id; releasing it.");
+                        // The broker holds a message we have no record of
+                        // (e.g. it restored an old state). Releasing it could
+                        // deliver it twice; keep the id out of use instead.
+                        tracing::warn!(
+                            pkid,
+                            "PUBREC for an unknown packet id; the id is left unused on this connection."
+                        );
+                        self.slots.insert(pkid, Slot::Blocked);
+                        return Ok(());
                     }
                 }
                 conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
             }
             Packet::PubComp(comp) => {
                 let pkid = comp.pkid;
-                if let Some(Slot::Readings { .. }) = self.slots.get(&pkid) {
+                if let Some(Slot::Readings { released: true }) = self.slots.get(&pkid) {
                     let n = self
                         .store
                         .call(move |s| s.complete_exchange(pkid, Utc::now()))
@@ -441,7 +493,7 @@ impl Publisher {
                     self.backlog_hint = true;
                     tracing::debug!(pkid, readings = n, "Delivered.");
                 } else {
-                    tracing::debug!(pkid, "PUBCOMP for an unknown packet id; ignored.");
+                    tracing::warn!(pkid, "PUBCOMP for a packet id not released; ignored.");
                 }
             }
             Packet::PubAck(ack) => {

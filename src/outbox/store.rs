@@ -41,6 +41,10 @@ const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
 const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
     device_time, received_at FROM readings
     WHERE state = 'queued' AND priority = ?1 ORDER BY id LIMIT ?2";
+const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// Present while a CONNECT was written whose CONNACK is not yet settled.
+const CONNECT_PENDING: &str = "connect_pending";
 const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
     device_time, received_at, state, pkid, attempts, delivered_at FROM readings";
 
@@ -86,7 +90,8 @@ pub enum Insert {
     /// Already stored with the same content: a resend; ACK it again.
     Duplicate,
     /// Already stored with other content under the same (device, seq). The
-    /// frame is kept in `rejected_frames` and ACKed: the stored one stands.
+    /// frame is kept in `rejected_frames` and NAKed (`conflict`): the stored
+    /// one stands and the device must be looked at.
     Conflict,
 }
 
@@ -549,6 +554,7 @@ impl Store {
 
     /// PUBCOMP arrived: the readings of the exchange are delivered and the
     /// packet id is free again. Returns how many readings were delivered.
+    /// A PUBCOMP for an exchange not yet past PUBREC changes nothing.
     pub fn complete_exchange(
         &mut self,
         pkid: u16,
@@ -557,7 +563,7 @@ impl Store {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
             let exchange: Option<i64> = tx
-                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1")?
+                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'release'")?
                 .query_row(params![pkid], |r| r.get(0))
                 .optional()?;
             let Some(exchange) = exchange else {
@@ -611,29 +617,109 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
-    /// The broker lost our session: every open exchange is forgotten and its
-    /// readings are queued again (the receiver deduplicates by reading id).
-    /// Returns how many readings were queued again.
-    pub fn requeue_inflight(&mut self) -> Result<usize, StoreError> {
+    /// Records, before a CONNECT is written, that its CONNACK is not yet
+    /// seen, and raises the session counter (the will carries it). Returns
+    /// the new session number and whether an earlier CONNECT's CONNACK was
+    /// never seen (the process died or the link broke in between).
+    pub fn begin_connect(&mut self) -> Result<(u64, bool), StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<(u64, bool)> {
+            let tx = conn.transaction()?;
+            let get = |key: &str| -> rusqlite::Result<Option<String>> {
+                tx.prepare_cached("SELECT value FROM gateway_state WHERE key = ?1")?
+                    .query_row(params![key], |r| r.get(0))
+                    .optional()
+            };
+            let unseen = get(CONNECT_PENDING)?.is_some();
+            let session = get("session")?
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            let mut set = tx.prepare_cached(UPSERT_STATE)?;
+            set.execute(params!["session", session.to_string()])?;
+            set.execute(params![CONNECT_PENDING, session.to_string()])?;
+            drop(set);
+            tx.commit()?;
+            Ok((session, unseen))
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Settles the open exchanges once CONNACK is seen, in one transaction
+    /// with clearing the pending-CONNECT record; returns how many readings
+    /// were queued again.
+    ///
+    /// - Session absent: every open exchange is void; its readings are
+    ///   queued again (the receiver deduplicates by reading id).
+    /// - Session present, but an earlier CONNECT's CONNACK was never seen:
+    ///   that CONNECT may have met a broker that had lost our session and
+    ///   made a new, empty one, which would answer PUBREL for anything with
+    ///   PUBCOMP. Exchanges past PUBREC therefore keep their packet ids (to be
+    ///   released, so no id is reused while the broker may hold it) but their
+    ///   readings are queued again: a possible duplicate, never a loss.
+    /// - Otherwise nothing changes: the exchanges resume as recorded.
+    pub fn settle_connack(
+        &mut self,
+        session_present: bool,
+        earlier_unseen: bool,
+    ) -> Result<usize, StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
-            let n = tx.execute(
-                "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
-                [],
+            let n = if !session_present {
+                let n = tx.execute(
+                    "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
+                    [],
+                )?;
+                tx.execute("DELETE FROM exchanges", [])?;
+                n
+            } else if earlier_unseen {
+                tx.execute(
+                    "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id IN
+                     (SELECT id FROM exchanges WHERE stage = 'release')",
+                    [],
+                )?
+            } else {
+                0
+            };
+            if n > 0 {
+                let total: u64 = tx
+                    .query_row(
+                        "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
+                        [],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .optional()?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut set = tx.prepare_cached(UPSERT_STATE)?;
+                set.execute(params![
+                    "requeued_after_lost_session",
+                    (total + n as u64).to_string()
+                ])?;
+                set.execute(params![
+                    "last_lost_session",
+                    Utc::now().timestamp_millis().to_string()
+                ])?;
+            }
+            tx.execute(
+                "DELETE FROM gateway_state WHERE key = ?1",
+                params![CONNECT_PENDING],
             )?;
-            tx.execute("DELETE FROM exchanges", [])?;
             tx.commit()?;
             Ok(n)
         };
         run(&mut self.conn).map_err(|e| self.err(e))
     }
 
-    /// Raises and returns the session counter (one per CONNECT attempt).
-    pub fn next_session(&mut self) -> Result<u64, StoreError> {
-        let current = self.state("session")?.and_then(|v| v.parse::<u64>().ok());
-        let next = current.unwrap_or(0) + 1;
-        self.set_state("session", &next.to_string())?;
-        Ok(next)
+    /// Clears the pending-CONNECT record after a CONNACK that refused us (no
+    /// session was touched).
+    pub fn connect_refused(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM gateway_state WHERE key = ?1",
+                params![CONNECT_PENDING],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
     }
 
     pub fn set_state(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
@@ -860,17 +946,66 @@ mod tests {
             .unwrap();
         let q = store.next_queued(Priority::Routine, 10).unwrap();
         store.begin_exchange(1, "t", b"x", &[q[0].id], now).unwrap();
-        assert_eq!(store.requeue_inflight().unwrap(), 1);
+        assert_eq!(store.settle_connack(false, false).unwrap(), 1);
         assert_eq!(store.next_queued(Priority::Routine, 10).unwrap().len(), 1);
         assert!(store.open_exchanges().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unseen_connack_requeues_only_released_exchanges_and_keeps_their_ids() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        store
+            .commit_serial(
+                "p",
+                &[reading(1, Priority::Routine), reading(2, Priority::Routine)],
+                &[],
+                now,
+            )
+            .unwrap();
+        let q = store.next_queued(Priority::Routine, 10).unwrap();
+        store.begin_exchange(1, "t", b"a", &[q[0].id], now).unwrap();
+        store.begin_exchange(2, "t", b"b", &[q[1].id], now).unwrap();
+        store.exchange_released(2).unwrap();
+        assert_eq!(store.settle_connack(true, true).unwrap(), 1);
+        // Both ids stay open (one to resend, one to release)...
+        assert_eq!(store.open_exchanges().unwrap().len(), 2);
+        // ...but the released one's reading goes out again under a new id.
+        let again = store.next_queued(Priority::Routine, 10).unwrap();
+        assert_eq!(again.iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+        assert_eq!(store.complete_exchange(2, now).unwrap(), 0);
+    }
+
+    #[test]
+    fn pubcomp_before_pubrec_is_not_a_delivery() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        store
+            .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
+            .unwrap();
+        let q = store.next_queued(Priority::Routine, 10).unwrap();
+        store.begin_exchange(5, "t", b"a", &[q[0].id], now).unwrap();
+        assert_eq!(store.complete_exchange(5, now).unwrap(), 0);
+        assert_eq!(store.open_exchanges().unwrap().len(), 1);
+        assert_eq!(store.counts().unwrap().delivered, 0);
     }
 
     #[test]
     fn session_counter_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        assert_eq!(Store::open(&path).unwrap().next_session().unwrap(), 1);
-        assert_eq!(Store::open(&path).unwrap().next_session().unwrap(), 2);
+        assert_eq!(
+            Store::open(&path).unwrap().begin_connect().unwrap(),
+            (1, false)
+        );
+        // The first CONNACK was never settled: the second attempt knows.
+        assert_eq!(
+            Store::open(&path).unwrap().begin_connect().unwrap(),
+            (2, true)
+        );
+        let mut store = Store::open(&path).unwrap();
+        store.settle_connack(true, true).unwrap();
+        assert_eq!(store.begin_connect().unwrap(), (3, false));
     }
 
     #[test]

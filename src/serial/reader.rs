@@ -20,6 +20,8 @@ use crate::outbox::{Insert, StoreError, StoreHandle};
 
 const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(5);
+/// Longest an answer (ACK/NAK/BUSY) may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
@@ -34,6 +36,8 @@ pub enum SerialError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("serial port `{0}` took no answer within 5 s (is the device reading?)")]
+    WriteTimeout(PathBuf),
     #[error("serial port `{0}` closed")]
     Closed(PathBuf),
 }
@@ -170,8 +174,15 @@ impl SerialReader {
                 continue;
             }
             let replies = self.commit(readings, rejected).await;
-            port.write_all(&replies).await.map_err(io)?;
-            port.flush().await.map_err(io)?;
+            // A device that stops reading must not freeze the reader.
+            let write = async {
+                port.write_all(&replies).await?;
+                port.flush().await
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(r) => r.map_err(io)?,
+                Err(_) => return Err(SerialError::WriteTimeout(self.path.clone())),
+            }
         }
     }
 
@@ -201,17 +212,37 @@ impl SerialReader {
                     self.alarms.record(&self.store).await;
                 }
                 let mut stored = 0;
+                let mut conflicts = 0;
                 for ((device_id, seq), outcome) in keys.into_iter().zip(outcomes) {
                     match outcome {
                         Insert::Stored => stored += 1,
                         Insert::Duplicate => {
                             tracing::debug!(%device_id, seq, "Resent reading ACKed again.")
                         }
-                        Insert::Conflict => tracing::warn!(
-                            "A device reused a sequence number with other content; the frame is kept in rejected_frames."
-                        ),
+                        Insert::Conflict => {
+                            // Another reading holds this (device, seq): ACKing
+                            // would let the device drop one that is never
+                            // published. NAK it; it is kept in rejected_frames.
+                            conflicts += 1;
+                            out.extend(
+                                Frame::Nak {
+                                    device_id: Some(device_id),
+                                    seq: Some(seq),
+                                    reason: "conflict".into(),
+                                }
+                                .encode(),
+                            );
+                            continue;
+                        }
                     }
                     out.extend(Frame::Ack { device_id, seq }.encode());
+                }
+                if conflicts > 0 && self.alarms.raise("seq-conflict") {
+                    tracing::error!(
+                        conflicts,
+                        "A device reused sequence numbers with other content: NAKed and kept in rejected_frames; the device needs attention."
+                    );
+                    self.alarms.record(&self.store).await;
                 }
                 if stored > 0 {
                     tracing::debug!(stored, "Readings stored.");

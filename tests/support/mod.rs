@@ -11,6 +11,8 @@
 #![allow(dead_code)]
 
 pub mod mosquitto;
+pub mod proxy;
+pub mod receiver;
 pub mod subscriber;
 
 use std::net::TcpListener;
@@ -18,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use mosquitto::Mosquitto;
+pub use proxy::FaultProxy;
+pub use receiver::{Received, Receiver};
 pub use subscriber::{Delivery, Subscriber};
 
 /// How often [`wait_for`] looks again.

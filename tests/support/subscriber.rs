@@ -190,6 +190,17 @@ impl Subscriber {
         state.deliveries[from..].to_vec()
     }
 
+    /// Waits until `pred` holds for everything received so far (taken or
+    /// not) or `timeout` passes; returns everything either way.
+    pub fn wait_all(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&[Delivery]) -> bool,
+    ) -> Vec<Delivery> {
+        let state = self.wait(timeout, |state| pred(&state.deliveries));
+        state.deliveries.clone()
+    }
+
     /// Everything received so far, taken or not.
     pub fn all(&self) -> Vec<Delivery> {
         self.shared.lock().deliveries.clone()

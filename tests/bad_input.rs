@@ -1,0 +1,218 @@
+//! Bad input on the serial line: damaged, garbage and oversized frames are
+//! NAKed and kept in `rejected_frames`, and the run goes on.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hearth::serial::frame::{Decoded, Decoder, Frame, Kind, Priority, Reading};
+
+use crate::harness::{GatewayOpts, Hearth, Rig, Sim, readings};
+use crate::support::{Subscriber, wait_for};
+
+/// A linked pair of ptys made by socat, as a real null-modem pair.
+struct SocatPair {
+    child: Child,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+impl SocatPair {
+    fn start(dir: &Path) -> SocatPair {
+        let a = dir.join("tty-a");
+        let b = dir.join("tty-b");
+        let child = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", a.display()))
+            .arg(format!("pty,raw,echo=0,link={}", b.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat is installed (scripts/test.sh installs it)");
+        wait_for(Duration::from_secs(10), "socat's pty links", || {
+            (a.exists() && b.exists()).then_some(())
+        });
+        SocatPair { child, a, b }
+    }
+}
+
+impl Drop for SocatPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn reading(seq: u32) -> Vec<u8> {
+    Frame::Reading(Reading {
+        device_id: "PM-RAW".into(),
+        seq,
+        device_time: chrono::Utc::now(),
+        kind: Kind::HeartRate,
+        value: 61.0,
+        priority: Priority::Routine,
+        detail: None,
+    })
+    .encode()
+}
+
+/// Reads answers from the device end until `n` frames were decoded.
+fn answers(port: &mut std::fs::File, decoder: &mut Decoder, n: usize) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    while out.len() < n {
+        let k = port.read(&mut buf).expect("read device end");
+        decoder.extend(&buf[..k]);
+        while let Some(d) = decoder.next() {
+            match d {
+                Decoded::Frame(f) => out.push(f),
+                Decoded::Rejected(r) => panic!("gateway sent a bad frame: {r:?}"),
+            }
+        }
+    }
+    out
+}
+
+fn rejected_reasons(db: &Path) -> Vec<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    let mut stmt = conn
+        .prepare("SELECT reason FROM rejected_frames ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn damaged_garbage_and_oversized_frames_are_naked_kept_and_the_run_goes_on() {
+    let rig = Rig::new("gw-bad");
+    let gw = GatewayOpts::new("gw-bad");
+    let pair = SocatPair::start(rig.dir.path());
+    let config = rig.config(&gw, &pair.b);
+    let _hearth = Hearth::start(&config);
+    let mut device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pair.a)
+        .expect("open the device end");
+    let mut decoder = Decoder::new();
+
+    // A good frame is ACKed once the gateway has opened its end.
+    device.write_all(&reading(1)).unwrap();
+    assert_eq!(
+        answers(&mut device, &mut decoder, 1),
+        [Frame::Ack {
+            device_id: "PM-RAW".into(),
+            seq: 1
+        }]
+    );
+
+    // One byte flipped: the checksum catches it.
+    let mut corrupt = reading(2);
+    corrupt[12] ^= 0x01;
+    let mut oversized = b"$R,".to_vec();
+    oversized.extend(std::iter::repeat_n(b'7', 400));
+    oversized.extend(b"\r\n");
+    let truncated = &reading(3)[..20];
+    let bad: Vec<&[u8]> = vec![&corrupt, b"boot banner v1.2 ", &oversized, truncated];
+    for b in &bad {
+        device.write_all(b).unwrap();
+    }
+    // A good frame ends the truncated one (its `$` comes before a `\n`).
+    device.write_all(&reading(2)).unwrap();
+    let got = answers(&mut device, &mut decoder, 5);
+    let naks: Vec<&str> = got
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Nak { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        naks,
+        ["checksum", "garbage", "oversized", "truncated"],
+        "{got:?}"
+    );
+    assert_eq!(
+        got[4],
+        Frame::Ack {
+            device_id: "PM-RAW".into(),
+            seq: 2
+        }
+    );
+
+    // Every rejected run is kept, with its reason and raw bytes.
+    assert_eq!(
+        rejected_reasons(&rig.db(&gw)),
+        ["checksum", "garbage", "oversized", "truncated"]
+    );
+
+    // The run goes on: both good readings are stored (and delivered).
+    let rows = wait_for(Duration::from_secs(20), "two readings delivered", || {
+        let rows = readings(&config, &["--state", "delivered"]);
+        (rows.len() == 2).then_some(rows)
+    });
+    assert_eq!(rows[1]["seq"], 2);
+}
+
+#[test]
+fn a_device_with_a_noisy_line_still_gets_every_reading_through_once() {
+    let rig = Rig::new("gw-noisy");
+    let gw = GatewayOpts::new("gw-noisy");
+    let sub = Subscriber::start(
+        &rig.broker,
+        &rig.certs,
+        "hospital-noisy",
+        &["hearth/v1/gw-noisy/+"],
+    );
+    let sim = Sim::start(&[
+        "--count",
+        "300",
+        "--interval-ms",
+        "0",
+        "--seed",
+        "5",
+        "--ack-timeout-ms",
+        "300",
+        "--corrupt-rate",
+        "0.1",
+        "--garbage-rate",
+        "0.1",
+        "--truncate-rate",
+        "0.1",
+    ]);
+    let config = rig.config(&gw, &sim.pty);
+    let _hearth = Hearth::start(&config);
+    let summary = sim.finish(Duration::from_secs(120));
+    assert_eq!(summary["acked"], 300, "{summary}");
+    let damaged = summary["corrupted"].as_u64().unwrap()
+        + summary["garbage"].as_u64().unwrap()
+        + summary["truncated"].as_u64().unwrap();
+    assert!(damaged > 30, "{summary}");
+
+    let all = sub.wait_all(Duration::from_secs(30), |all| {
+        crate::e2e::reading_deliveries(all).len() >= 300
+    });
+    let mut ids: Vec<String> = crate::e2e::reading_deliveries(&all)
+        .into_iter()
+        .map(|(_, r)| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((total, ids.len()), (300, 300), "every reading exactly once");
+
+    // The simulator ends a truncated frame with `\r\n`: it has no `*`, so
+    // it is `malformed` (`truncated` is a `$` inside a frame, tested above).
+    let reasons = rejected_reasons(&rig.db(&gw));
+    for reason in ["checksum", "garbage", "malformed"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no `{reason}` in {reasons:?}"
+        );
+    }
+}

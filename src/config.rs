@@ -179,8 +179,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            // toml's message spans several lines with a caret drawing.
-            message: one_line(&e),
+            message: describe_toml_error(text, &e),
         })
     }
 
@@ -276,6 +275,22 @@ impl Config {
         self.check_readable("mqtt.ca_file", &self.mqtt.ca_file)?;
         self.check_readable("mqtt.cert_file", &self.mqtt.cert_file)?;
         self.check_readable("mqtt.key_file", &self.mqtt.key_file)?;
+        if let Err(e) =
+            crate::mqtt::tls::client_config(&self.mqtt.ca_file, &self.mqtt.cert_file, &self.mqtt.key_file)
+        {
+            let key = match &e {
+                crate::mqtt::tls::TlsError::Pem { path, .. }
+                | crate::mqtt::tls::TlsError::NoCertificate(path)
+                | crate::mqtt::tls::TlsError::BadCa { path, .. }
+                    if *path == self.mqtt.ca_file =>
+                {
+                    "mqtt.ca_file"
+                }
+                crate::mqtt::tls::TlsError::Pem { path, .. } if *path == self.mqtt.key_file => "mqtt.key_file",
+                _ => "mqtt.cert_file",
+            };
+            return Err(self.invalid(key, format!("is unusable: {}", one_line(&e))));
+        }
         let mode = std::fs::metadata(&self.mqtt.key_file)
             .map(|m| m.permissions().mode())
             .unwrap_or(0);
@@ -311,6 +326,40 @@ impl Config {
 
     pub fn topic(&self, leaf: &str) -> String {
         format!("{}/{}/{}", self.mqtt.topic_prefix, self.gateway_id, leaf)
+    }
+}
+
+/// toml's own message spans several lines with a caret drawing; this names
+/// the key (`table.key`) and the line instead, on one line.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = one_line(&e.message());
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let table = before
+        .lines()
+        .rev()
+        .skip(1)
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    if line.starts_with('[') {
+        let t = line.trim_matches(|c| c == '[' || c == ']').trim();
+        return format!("table `{t}` (line {line_no}): {message}");
+    }
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => {
+            let key = key.trim();
+            let full = match table {
+                Some(t) => format!("{t}.{key}"),
+                None => key.to_owned(),
+            };
+            format!("key `{full}` (line {line_no}): {message}")
+        }
+        _ => format!("line {line_no}: {message}"),
     }
 }
 

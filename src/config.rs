@@ -275,9 +275,11 @@ impl Config {
         self.check_readable("mqtt.ca_file", &self.mqtt.ca_file)?;
         self.check_readable("mqtt.cert_file", &self.mqtt.cert_file)?;
         self.check_readable("mqtt.key_file", &self.mqtt.key_file)?;
-        if let Err(e) =
-            crate::mqtt::tls::client_config(&self.mqtt.ca_file, &self.mqtt.cert_file, &self.mqtt.key_file)
-        {
+        if let Err(e) = crate::mqtt::tls::client_config(
+            &self.mqtt.ca_file,
+            &self.mqtt.cert_file,
+            &self.mqtt.key_file,
+        ) {
             let key = match &e {
                 crate::mqtt::tls::TlsError::Pem { path, .. }
                 | crate::mqtt::tls::TlsError::NoCertificate(path)
@@ -286,7 +288,9 @@ impl Config {
                 {
                     "mqtt.ca_file"
                 }
-                crate::mqtt::tls::TlsError::Pem { path, .. } if *path == self.mqtt.key_file => "mqtt.key_file",
+                crate::mqtt::tls::TlsError::Pem { path, .. } if *path == self.mqtt.key_file => {
+                    "mqtt.key_file"
+                }
                 _ => "mqtt.cert_file",
             };
             return Err(self.invalid(key, format!("is unusable: {}", one_line(&e))));

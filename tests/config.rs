@@ -62,7 +62,10 @@ fn rejects(path: &Path, args: &[&str], needles: &[&str]) {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--config", path.to_str().unwrap()]);
     let (code, out, err) = hearth(&all);
-    assert_eq!(code, 2, "`hearth {all:?}` should exit 2; stdout {out:?} stderr {err:?}");
+    assert_eq!(
+        code, 2,
+        "`hearth {all:?}` should exit 2; stdout {out:?} stderr {err:?}"
+    );
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "not one line: {err:?}");
     for n in needles {
@@ -84,33 +87,81 @@ fn each_bad_setting_is_named_in_one_line_with_exit_code_2() {
     let s = Setup::new();
     let good = s.good();
     let cases: Vec<(String, Vec<&str>)> = vec![
-        (good.replace("baud_rate = 115200", "baud_rate = 115200\nparity = \"none\""), vec!["serial.parity"]),
-        (good.replace("gateway_id = \"gw-cfg\"\n", ""), vec!["gateway_id"]),
-        (good.replace("\"gw-cfg\"", "\"gw cfg/1\""), vec!["gateway_id"]),
-        (good.replace("port = 8883", "port = \"eighty\""), vec!["mqtt.port", "line 9"]),
-        (good.replace("host = \"127.0.0.1\"", "host = \"\""), vec!["mqtt.host"]),
-        (good.replace("hearth/v1", "hearth/#"), vec!["mqtt.topic_prefix"]),
-        (format!("{good}keep_alive_secs = 1\n"), vec!["mqtt.keep_alive_secs"]),
-        (format!("{good}max_inflight = 1\n"), vec!["mqtt.max_inflight"]),
-        (format!("{good}batch_max_readings = 0\n"), vec!["mqtt.batch_max_readings"]),
         (
-            good.replace(&s.certs.ca_cert.display().to_string(), "/nonexistent/ca.crt"),
+            good.replace(
+                "baud_rate = 115200",
+                "baud_rate = 115200\nparity = \"none\"",
+            ),
+            vec!["serial.parity"],
+        ),
+        (
+            good.replace("gateway_id = \"gw-cfg\"\n", ""),
+            vec!["gateway_id"],
+        ),
+        (
+            good.replace("\"gw-cfg\"", "\"gw cfg/1\""),
+            vec!["gateway_id"],
+        ),
+        (
+            good.replace("port = 8883", "port = \"eighty\""),
+            vec!["mqtt.port", "line 9"],
+        ),
+        (
+            good.replace("host = \"127.0.0.1\"", "host = \"\""),
+            vec!["mqtt.host"],
+        ),
+        (
+            good.replace("hearth/v1", "hearth/#"),
+            vec!["mqtt.topic_prefix"],
+        ),
+        (
+            format!("{good}keep_alive_secs = 1\n"),
+            vec!["mqtt.keep_alive_secs"],
+        ),
+        (
+            format!("{good}max_inflight = 1\n"),
+            vec!["mqtt.max_inflight"],
+        ),
+        (
+            format!("{good}batch_max_readings = 0\n"),
+            vec!["mqtt.batch_max_readings"],
+        ),
+        (
+            good.replace(
+                &s.certs.ca_cert.display().to_string(),
+                "/nonexistent/ca.crt",
+            ),
             vec!["mqtt.ca_file", "/nonexistent/ca.crt"],
         ),
         (
-            good.replace(&s.certs.ca_cert.display().to_string(), &s.serial.display().to_string()),
+            good.replace(
+                &s.certs.ca_cert.display().to_string(),
+                &s.serial.display().to_string(),
+            ),
             vec!["mqtt.ca_file"],
         ),
         (
-            good.replace(&s.certs.gateway_cert.display().to_string(), &s.certs.hospital_cert.display().to_string()),
+            good.replace(
+                &s.certs.gateway_cert.display().to_string(),
+                &s.certs.hospital_cert.display().to_string(),
+            ),
             vec!["mqtt.cert_file"],
         ),
         (
-            good.replace(&s.dir.join("cfg.db").display().to_string(), "/nonexistent/dir/h.db"),
+            good.replace(
+                &s.dir.join("cfg.db").display().to_string(),
+                "/nonexistent/dir/h.db",
+            ),
             vec!["store.path"],
         ),
-        (good.replace("[store]", "[store]\nmax_size_mb = 0.01"), vec!["store.max_size_mb"]),
-        (good.replace("port = \"", "port = \"\"\nx = \""), vec!["serial.x"]),
+        (
+            good.replace("[store]", "[store]\nmax_size_mb = 0.01"),
+            vec!["store.max_size_mb"],
+        ),
+        (
+            good.replace("port = \"", "port = \"\"\nx = \""),
+            vec!["serial.x"],
+        ),
         ("gateway_id = [".to_string(), vec!["gateway_id", "line 1"]),
     ];
     for (text, needles) in cases {
@@ -139,9 +190,15 @@ fn a_missing_config_file_is_named() {
 #[test]
 fn config_check_names_a_missing_serial_port_but_run_waits_for_it() {
     let s = Setup::new();
-    let text = s.good().replace(&s.serial.display().to_string(), "/dev/ttyNOPE9");
+    let text = s
+        .good()
+        .replace(&s.serial.display().to_string(), "/dev/ttyNOPE9");
     let path = s.write(&text);
-    rejects(&path, &["config", "check"], &["serial.port", "/dev/ttyNOPE9"]);
+    rejects(
+        &path,
+        &["config", "check"],
+        &["serial.port", "/dev/ttyNOPE9"],
+    );
 }
 
 #[test]

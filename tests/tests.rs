@@ -1,6 +1,7 @@
 //! All integration tests, compiled into one binary (`autotests = false`).
 
 mod bad_input;
+mod chaos;
 mod config;
 mod crash;
 mod e2e;

@@ -18,10 +18,13 @@
 //! 6. A CONNECT is recorded as pending before it is written and settled with
 //!    its CONNACK in one transaction. If a CONNACK was never seen (crash or
 //!    cut in between), that CONNECT may have met a broker that had lost our
-//!    session and made an empty one, which answers any PUBREL with PUBCOMP;
-//!    so exchanges past PUBREC keep their ids but their readings are queued
-//!    again. MQTT 3.1.1 cannot tell the two cases apart: hearth chooses a
-//!    possible duplicate (deduplicated by id) over a possible loss.
+//!    session and made an empty one, which answers any PUBREL with PUBCOMP.
+//!    MQTT 3.1.1 cannot tell that from our own session. A broker that keeps
+//!    sessions (the normal case, and all the faults the tests inject) cannot
+//!    have done it, so the session is trusted; once a broker is seen to lose
+//!    a session, hearth remembers it and from then on queues the readings
+//!    of exchanges past PUBREC again after a missed CONNACK: a possible
+//!    duplicate (deduplicated by id) rather than a possible loss.
 //! 7. PUBCOMP counts only for an exchange past PUBREC; a PUBREC for an id we
 //!    have no record of is not released (that could deliver twice) and the id
 //!    stays unused on that connection.
@@ -43,7 +46,7 @@ use super::connection::{Connection, ConnectionError};
 use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
 use crate::alarm::Alarms;
 use crate::config::Config;
-use crate::outbox::{StoreError, StoreHandle};
+use crate::outbox::{Connack, StoreError, StoreHandle};
 use crate::serial::frame::Priority;
 
 /// Exchanges kept free for alerts when routine readings fill the window.
@@ -52,6 +55,10 @@ const RESERVED_FOR_ALERTS: usize = 2;
 const MAX_PAYLOAD: usize = super::connection::MAX_OUTGOING - 1024;
 /// A link that held this long resets the reconnect backoff.
 const STABLE_LINK: Duration = Duration::from_secs(30);
+/// [`SESSION_KEY`] after our clean-session reset...
+const SESSION_RESET: &str = "reset";
+/// ...and once the broker holds a persistent session for this store.
+const SESSION_ESTABLISHED: &str = "established";
 /// Set in `gateway_state` once the broker holds a session for this store.
 const SESSION_KEY: &str = "broker_session";
 /// How long a shutdown waits for the broker to acknowledge the offline status.
@@ -170,7 +177,8 @@ impl Publisher {
         // A store that never had a broker session (first start, or a damaged
         // database replaced) must not inherit one: the broker may hold packet
         // ids from an earlier store that this one would hand out again.
-        let established = self.store.call(|s| s.state(SESSION_KEY)).await?.is_some();
+        let session_state = self.store.call(|s| s.state(SESSION_KEY)).await?;
+        let established = session_state.is_some();
         self.record_broker("connecting", "").await;
         let mut conn = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Flow::Stop),
@@ -199,11 +207,11 @@ impl Publisher {
             // The clean session discarded whatever the broker held for us.
             let requeued = self
                 .store
-                .call(move |s| s.settle_connack(false, unseen))
+                .call(move |s| s.settle_connack(Connack::Reset, unseen))
                 .await?;
             conn.close().await;
             self.store
-                .call(|s| s.set_state(SESSION_KEY, "established"))
+                .call(|s| s.set_state(SESSION_KEY, SESSION_RESET))
                 .await?;
             tracing::info!(requeued, "Broker session reset for a new store.");
             return Ok(Flow::Again);
@@ -211,7 +219,19 @@ impl Publisher {
         let present = connack.session_present;
         let requeued = self
             .store
-            .call(move |s| s.settle_connack(present, unseen))
+            .call(move |s| {
+                // Right after our clean session, no session is expected.
+                let connack = match (present, session_state.as_deref()) {
+                    (true, _) => Connack::Present,
+                    (false, Some(SESSION_RESET)) => Connack::Reset,
+                    (false, _) => Connack::Absent,
+                };
+                let n = s.settle_connack(connack, unseen)?;
+                if session_state.as_deref() != Some(SESSION_ESTABLISHED) {
+                    s.set_state(SESSION_KEY, SESSION_ESTABLISHED)?;
+                }
+                Ok(n)
+            })
             .await?;
         if requeued > 0 && !present {
             tracing::warn!(

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-pub use store::{Counts, Exchange, Insert, ListFilter, Queued, ReadingRow, Store, StoreError};
+pub use store::{
+    Connack, Counts, Exchange, Insert, ListFilter, Queued, ReadingRow, Store, StoreError,
+};
 
 type Job = Box<dyn FnOnce(&mut Store) + Send>;
 

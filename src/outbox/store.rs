@@ -36,6 +36,7 @@ const INSERT_READING: &str = "INSERT INTO readings
     ON CONFLICT (device, seq) DO NOTHING";
 const SAME_READING: &str = "SELECT kind = ?3 AND value = ?4 AND priority = ?5
     AND detail IS ?6 AND device_time = ?7 FROM readings WHERE device = ?1 AND seq = ?2";
+const LAST_SEQ: &str = "SELECT max(seq) FROM readings WHERE device = ?1";
 const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
     (received_at, port, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)";
 const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
@@ -43,6 +44,8 @@ const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, 
     WHERE state = 'queued' AND priority = ?1 ORDER BY id LIMIT ?2";
 const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// Set once the broker was seen to lose our session.
+const LOSES_SESSIONS: &str = "broker_loses_sessions";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
 const CONNECT_PENDING: &str = "connect_pending";
 const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
@@ -89,6 +92,11 @@ pub enum Insert {
     Stored,
     /// Already stored with the same content: a resend; ACK it again.
     Duplicate,
+    /// Not stored: it follows a gap in the device's sequence. The device is
+    /// asked for `missing` first (NAK `missing`) and to resend this one (NAK
+    /// `gap`), so readings are stored, and leave, in seq order. A gap that
+    /// stays open for [`GAP_WAIT`] is accepted (the device skipped numbers).
+    Gap { missing: u32 },
     /// Already stored with other content under the same (device, seq). The
     /// frame is kept in `rejected_frames` and NAKed (`conflict`): the stored
     /// one stands and the device must be looked at.
@@ -108,6 +116,17 @@ pub struct Queued {
     pub detail: Option<String>,
     pub device_time: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
+}
+
+/// What a CONNACK said, for [`Store::settle_connack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connack {
+    /// Our own clean-session CONNECT for a new store.
+    Reset,
+    /// `session_present = false` on a persistent session: the broker lost it.
+    Absent,
+    /// `session_present = true`.
+    Present,
 }
 
 /// An open QoS 2 exchange, as recorded.
@@ -169,6 +188,20 @@ pub struct Store {
     /// Above this many used pages, new readings are refused (BUSY) so that
     /// the publisher keeps room to drain; `None` means no cap.
     intake_limit: Option<u64>,
+    /// Devices whose next reading in seq order has not come yet.
+    gaps: std::collections::HashMap<String, Gap>,
+    gap_wait: std::time::Duration,
+}
+
+/// How long readings after a gap wait for the missing one before the gap
+/// is taken as the device's own (it skipped numbers).
+pub const GAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An open gap in one device's sequence.
+#[derive(Debug)]
+struct Gap {
+    expected: u32,
+    since: std::time::Instant,
 }
 
 /// Share of the size cap that readings may fill; the rest is headroom for
@@ -226,6 +259,8 @@ impl Store {
             conn,
             path: path.to_owned(),
             intake_limit: None,
+            gaps: Default::default(),
+            gap_wait: GAP_WAIT,
         };
         store.configure().map_err(|e| store.err(e))?;
         store.migrate()?;
@@ -344,7 +379,14 @@ impl Store {
             conn,
             path: path.to_owned(),
             intake_limit,
+            gaps: Default::default(),
+            gap_wait: GAP_WAIT,
         })
+    }
+
+    /// Overrides [`GAP_WAIT`] (tests).
+    pub fn set_gap_wait(&mut self, wait: std::time::Duration) {
+        self.gap_wait = wait;
     }
 
     pub fn path(&self) -> &Path {
@@ -420,14 +462,52 @@ impl Store {
                 path: self.path.clone(),
             });
         }
+        // Each device's readings are taken in seq order, whatever order
+        // they came in within this batch; outcomes keep the input order.
+        let mut order: Vec<usize> = (0..readings.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (ra, rb) = (&readings[a], &readings[b]);
+            (&ra.device_id, ra.seq).cmp(&(&rb.device_id, rb.seq))
+        });
+        let gaps = &mut self.gaps;
+        let gap_wait = self.gap_wait;
         let result = (|| {
             let tx = self.conn.transaction()?;
-            let mut outcomes = Vec::with_capacity(readings.len());
+            let mut outcomes = vec![Insert::Stored; readings.len()];
             {
                 let mut insert = tx.prepare_cached(INSERT_READING)?;
                 let mut same = tx.prepare_cached(SAME_READING)?;
                 let mut reject = tx.prepare_cached(INSERT_REJECTED)?;
-                for r in readings {
+                let mut last_seq = tx.prepare_cached(LAST_SEQ)?;
+                for i in order {
+                    let r = &readings[i];
+                    let last: Option<u32> =
+                        last_seq.query_row(params![r.device_id], |row| row.get(0))?;
+                    if let Some(last) = last
+                        && r.seq > last.saturating_add(1)
+                    {
+                        let expected = last + 1;
+                        let gap = gaps.entry(r.device_id.clone()).or_insert(Gap {
+                            expected,
+                            since: std::time::Instant::now(),
+                        });
+                        if gap.expected != expected {
+                            *gap = Gap {
+                                expected,
+                                since: std::time::Instant::now(),
+                            };
+                        }
+                        if gap.since.elapsed() < gap_wait {
+                            outcomes[i] = Insert::Gap { missing: expected };
+                            continue;
+                        }
+                        tracing::warn!(
+                            missing_from = expected,
+                            missing_to = r.seq - 1,
+                            "A device skipped sequence numbers; its later readings are taken."
+                        );
+                    }
+                    gaps.remove(&r.device_id);
                     let inserted = insert.execute(params![
                         r.device_id,
                         r.seq,
@@ -439,7 +519,7 @@ impl Store {
                         to_ms(r.device_time),
                         to_ms(now),
                     ])?;
-                    let outcome = if inserted == 1 {
+                    outcomes[i] = if inserted == 1 {
                         Insert::Stored
                     } else {
                         let same: bool = same.query_row(
@@ -468,7 +548,6 @@ impl Store {
                             Insert::Conflict
                         }
                     };
-                    outcomes.push(outcome);
                 }
                 for rej in rejected {
                     reject.execute(params![
@@ -648,39 +727,57 @@ impl Store {
     /// with clearing the pending-CONNECT record; returns how many readings
     /// were queued again.
     ///
-    /// - Session absent: every open exchange is void; its readings are
-    ///   queued again (the receiver deduplicates by reading id).
-    /// - Session present, but an earlier CONNECT's CONNACK was never seen:
-    ///   that CONNECT may have met a broker that had lost our session and
-    ///   made a new, empty one, which would answer PUBREL for anything with
-    ///   PUBCOMP. Exchanges past PUBREC therefore keep their packet ids (to be
-    ///   released, so no id is reused while the broker may hold it) but their
-    ///   readings are queued again: a possible duplicate, never a loss.
-    /// - Otherwise nothing changes: the exchanges resume as recorded.
+    /// - [`Connack::Reset`] (our own clean session) and [`Connack::Absent`]:
+    ///   every open exchange is void; its readings are queued again (the
+    ///   receiver deduplicates by reading id). An unexpected `Absent` also
+    ///   records that this broker loses sessions.
+    /// - [`Connack::Present`] after an earlier CONNECT whose CONNACK was never
+    ///   seen, with a broker known to lose sessions: that CONNECT may have met
+    ///   a broker without our session and made an empty one, which answers
+    ///   any PUBREL with PUBCOMP. Exchanges past PUBREC therefore keep their
+    ///   ids (to be released, so no id is reused while the broker may hold
+    ///   it) but their readings are queued again: a possible duplicate,
+    ///   never a loss. With a broker that keeps sessions the session is ours
+    ///   and nothing changes.
     pub fn settle_connack(
         &mut self,
-        session_present: bool,
+        connack: Connack,
         earlier_unseen: bool,
     ) -> Result<usize, StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
-            let n = if !session_present {
-                let n = tx.execute(
-                    "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
-                    [],
-                )?;
-                tx.execute("DELETE FROM exchanges", [])?;
-                n
-            } else if earlier_unseen {
-                tx.execute(
+            let loses_sessions = tx
+                .query_row(
+                    "SELECT 1 FROM gateway_state WHERE key = ?1",
+                    params![LOSES_SESSIONS],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            let n = match connack {
+                Connack::Reset | Connack::Absent => {
+                    let n = tx.execute(
+                        "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
+                        [],
+                    )?;
+                    tx.execute("DELETE FROM exchanges", [])?;
+                    n
+                }
+                Connack::Present if earlier_unseen && loses_sessions => tx.execute(
                     "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id IN
                      (SELECT id FROM exchanges WHERE stage = 'release')",
                     [],
-                )?
-            } else {
-                0
+                )?,
+                Connack::Present => 0,
             };
-            if n > 0 {
+            let mut set = tx.prepare_cached(UPSERT_STATE)?;
+            if connack == Connack::Absent {
+                set.execute(params![
+                    LOSES_SESSIONS,
+                    Utc::now().timestamp_millis().to_string()
+                ])?;
+            }
+            if n > 0 && connack != Connack::Reset {
                 let total: u64 = tx
                     .query_row(
                         "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
@@ -690,7 +787,6 @@ impl Store {
                     .optional()?
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                let mut set = tx.prepare_cached(UPSERT_STATE)?;
                 set.execute(params![
                     "requeued_after_lost_session",
                     (total + n as u64).to_string()
@@ -700,6 +796,7 @@ impl Store {
                     Utc::now().timestamp_millis().to_string()
                 ])?;
             }
+            drop(set);
             tx.execute(
                 "DELETE FROM gateway_state WHERE key = ?1",
                 params![CONNECT_PENDING],
@@ -946,7 +1043,7 @@ mod tests {
             .unwrap();
         let q = store.next_queued(Priority::Routine, 10).unwrap();
         store.begin_exchange(1, "t", b"x", &[q[0].id], now).unwrap();
-        assert_eq!(store.settle_connack(false, false).unwrap(), 1);
+        assert_eq!(store.settle_connack(Connack::Absent, false).unwrap(), 1);
         assert_eq!(store.next_queued(Priority::Routine, 10).unwrap().len(), 1);
         assert!(store.open_exchanges().unwrap().is_empty());
     }
@@ -954,6 +1051,8 @@ mod tests {
     #[test]
     fn unseen_connack_requeues_only_released_exchanges_and_keeps_their_ids() {
         let (_dir, mut store) = open();
+        // The broker was seen to lose our session once.
+        store.settle_connack(Connack::Absent, false).unwrap();
         let now = Utc::now();
         store
             .commit_serial(
@@ -967,7 +1066,18 @@ mod tests {
         store.begin_exchange(1, "t", b"a", &[q[0].id], now).unwrap();
         store.begin_exchange(2, "t", b"b", &[q[1].id], now).unwrap();
         store.exchange_released(2).unwrap();
-        assert_eq!(store.settle_connack(true, true).unwrap(), 1);
+        // A broker that keeps sessions: the session is ours, nothing moves.
+        let mut trusting = Store::open(&_dir.path().join("other.db")).unwrap();
+        trusting
+            .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
+            .unwrap();
+        let t = trusting.next_queued(Priority::Routine, 1).unwrap();
+        trusting
+            .begin_exchange(3, "t", b"c", &[t[0].id], now)
+            .unwrap();
+        trusting.exchange_released(3).unwrap();
+        assert_eq!(trusting.settle_connack(Connack::Present, true).unwrap(), 0);
+        assert_eq!(store.settle_connack(Connack::Present, true).unwrap(), 1);
         // Both ids stay open (one to resend, one to release)...
         assert_eq!(store.open_exchanges().unwrap().len(), 2);
         // ...but the released one's reading goes out again under a new id.
@@ -991,6 +1101,41 @@ mod tests {
     }
 
     #[test]
+    fn readings_after_a_gap_wait_for_the_missing_one() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        let r = |seq| reading(seq, Priority::Routine);
+        store.commit_serial("p", &[r(1), r(2)], &[], now).unwrap();
+        assert_eq!(
+            store.commit_serial("p", &[r(4), r(5)], &[], now).unwrap(),
+            [Insert::Gap { missing: 3 }, Insert::Gap { missing: 3 }]
+        );
+        // Out of order within one batch is put right.
+        assert_eq!(
+            store.commit_serial("p", &[r(4), r(3)], &[], now).unwrap(),
+            [Insert::Stored, Insert::Stored]
+        );
+        let seqs: Vec<u32> = store
+            .list(&ListFilter::default())
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        // A gap that stays open is the device's own: taken after the wait.
+        store.set_gap_wait(std::time::Duration::from_millis(50));
+        assert_eq!(
+            store.commit_serial("p", &[r(9)], &[], now).unwrap(),
+            [Insert::Gap { missing: 5 }]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert_eq!(
+            store.commit_serial("p", &[r(9)], &[], now).unwrap(),
+            [Insert::Stored]
+        );
+    }
+
+    #[test]
     fn session_counter_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
@@ -1004,7 +1149,7 @@ mod tests {
             (2, true)
         );
         let mut store = Store::open(&path).unwrap();
-        store.settle_connack(true, true).unwrap();
+        store.settle_connack(Connack::Present, true).unwrap();
         assert_eq!(store.begin_connect().unwrap(), (3, false));
     }
 

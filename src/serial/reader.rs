@@ -213,9 +213,36 @@ impl SerialReader {
                 }
                 let mut stored = 0;
                 let mut conflicts = 0;
+                let mut asked: Vec<String> = Vec::new();
                 for ((device_id, seq), outcome) in keys.into_iter().zip(outcomes) {
                     match outcome {
                         Insert::Stored => stored += 1,
+                        Insert::Gap { missing } => {
+                            // Ask for the missing one first, then this one
+                            // again: a device resends NAKed frames at once and
+                            // in order, so they come back in seq order.
+                            tracing::debug!(%device_id, seq, missing, "Reading after a gap; asking for the missing one.");
+                            if !asked.contains(&device_id) {
+                                asked.push(device_id.clone());
+                                out.extend(
+                                    Frame::Nak {
+                                        device_id: Some(device_id.clone()),
+                                        seq: Some(missing),
+                                        reason: "missing".into(),
+                                    }
+                                    .encode(),
+                                );
+                            }
+                            out.extend(
+                                Frame::Nak {
+                                    device_id: Some(device_id),
+                                    seq: Some(seq),
+                                    reason: "gap".into(),
+                                }
+                                .encode(),
+                            );
+                            continue;
+                        }
                         Insert::Duplicate => {
                             tracing::debug!(%device_id, seq, "Resent reading ACKed again.")
                         }

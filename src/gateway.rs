@@ -46,10 +46,20 @@ impl Gateway {
             &config.mqtt.cert_file,
             &config.mqtt.key_file,
         )?;
-        let store = StoreHandle::open(&config.store.path).with_context(|| {
-            format!("cannot start with store `{}`", config.store.path.display())
-        })?;
+        let max_bytes = (config.store.max_size_mb * 1024.0 * 1024.0) as u64;
+        let (store, moved_aside) = StoreHandle::open_gateway(&config.store.path, max_bytes)
+            .with_context(|| {
+                format!("cannot start with store `{}`", config.store.path.display())
+            })?;
         let alarms = Alarms::default();
+        if let Some(aside) = moved_aside {
+            alarms.raise("store-recovered");
+            let value = aside.display().to_string();
+            store
+                .call(move |s| s.set_state("moved_aside", &value))
+                .await?;
+        }
+        alarms.record(&store).await;
 
         let tracker = TaskTracker::new();
         let reader = SerialReader::new(

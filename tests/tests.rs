@@ -5,6 +5,7 @@ mod chaos;
 mod config;
 mod crash;
 mod e2e;
+mod faults;
 mod harness;
 mod support;
 mod support_kit_selftest;

@@ -30,16 +30,19 @@ CREATE TABLE readings (
 -- The publisher takes the next batch from here: alerts first, then by arrival.
 CREATE INDEX readings_queue ON readings (state, priority, id);
 CREATE INDEX readings_received ON readings (received_at);
+-- Resuming an exchange reads its readings.
+CREATE INDEX readings_exchange ON readings (exchange_id) WHERE exchange_id IS NOT NULL;
 
 -- One open MQTT QoS 2 exchange: committed before its PUBLISH is written,
 -- moved to stage 'release' before its PUBREL is written, deleted with the
 -- commit that marks its readings delivered. Its packet id is never reused
--- while the row exists.
+-- while the row exists. Its payload is not stored: it is rebuilt, byte for
+-- byte, from its readings (readings.exchange_id), which keeps the row small
+-- enough to fit in the headroom of a full store.
 CREATE TABLE exchanges (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     pkid        INTEGER NOT NULL UNIQUE CHECK (pkid BETWEEN 1 AND 65535),
     topic       TEXT    NOT NULL,
-    payload     BLOB    NOT NULL,
     stage       TEXT    NOT NULL CHECK (stage IN ('publish', 'release')),
     created_at  INTEGER NOT NULL,
     sent_count  INTEGER NOT NULL DEFAULT 0

@@ -170,6 +170,11 @@ struct StatusView {
     broker: Option<serde_json::Value>,
     serial: Option<serde_json::Value>,
     requeued_after_lost_session: u64,
+    /// Active alarms as last recorded by the running gateway.
+    alarms: Vec<String>,
+    /// Where a damaged database was moved at start, if one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    moved_aside: Option<String>,
 }
 
 pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
@@ -193,6 +198,11 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
             .state("requeued_after_lost_session")?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        alarms: store
+            .state("alarms")?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default(),
+        moved_aside: store.state("moved_aside")?,
     };
     let mut out = std::io::stdout().lock();
     if format != Format::Table {
@@ -248,6 +258,21 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
     )?;
     writeln!(out, "last received    {}", t(r.last_received))?;
     writeln!(out, "last delivery    {}", t(r.last_delivered))?;
+    writeln!(
+        out,
+        "alarms           {}",
+        if view.alarms.is_empty() {
+            "none".to_string()
+        } else {
+            view.alarms.join(", ")
+        }
+    )?;
+    if let Some(aside) = &view.moved_aside {
+        writeln!(
+            out,
+            "moved aside      {aside} (a damaged database; needs an operator)"
+        )?;
+    }
     if view.requeued_after_lost_session > 0 {
         writeln!(
             out,

@@ -3,7 +3,8 @@
 //! Invariants (each step's record is committed before the packet it allows
 //! is written, so a crash at any instant leaves a resumable state):
 //! 1. PUBLISH of packet id P is written only after the exchange row for P
-//!    (stage `publish`, its topic and payload) is committed.
+//!    (stage `publish`, its topic and readings) is committed; a resend
+//!    rebuilds the same payload from those readings.
 //! 2. PUBREL for P is written only after stage `release` is committed; a
 //!    PUBLISH for P is never written again after that.
 //! 3. Readings become `delivered` only in the transaction that deletes the
@@ -379,7 +380,8 @@ impl Publisher {
             packets.push(if ex.released {
                 Packet::PubRel(PubRel::new(ex.pkid))
             } else {
-                let mut p = Publish::new(ex.topic.clone(), QoS::ExactlyOnce, ex.payload.clone());
+                let body = payload::batch(&self.config.gateway_id, &ex.readings);
+                let mut p = Publish::new(ex.topic.clone(), QoS::ExactlyOnce, body);
                 p.pkid = ex.pkid;
                 p.dup = true;
                 Packet::Publish(p)
@@ -441,7 +443,7 @@ impl Publisher {
                         body = payload::batch(&gateway, &batch);
                     }
                     let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
-                    s.begin_exchange(pkid, &topic, &body, &ids, Utc::now())?;
+                    s.begin_exchange(pkid, &topic, &ids, Utc::now())?;
                     Ok(Some((topic, body, ids.len())))
                 })
                 .await

@@ -7,7 +7,8 @@
 //! - A reading is committed before the device gets its ACK
 //!   ([`Store::commit_serial`] returns only after COMMIT). It is unique on
 //!   (device, seq): a resent frame is reported `Duplicate` and ACKed again.
-//! - An exchange row (packet id, topic, payload, stage `publish`) is committed
+//! - An exchange row (packet id, topic, stage `publish`; its readings point
+//!   to it, and its payload is rebuilt from them byte for byte) is committed
 //!   before its PUBLISH is written ([`Store::begin_exchange`]); it moves to
 //!   stage `release` before its PUBREL is written ([`Store::exchange_released`]);
 //!   its readings become `delivered` only in the transaction that deletes it
@@ -48,6 +49,8 @@ const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?
 const LOSES_SESSIONS: &str = "broker_loses_sessions";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
 const CONNECT_PENDING: &str = "connect_pending";
+const EXCHANGE_READINGS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
+    device_time, received_at FROM readings WHERE exchange_id = ?1 ORDER BY id";
 const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
     device_time, received_at, state, pkid, attempts, delivered_at FROM readings";
 
@@ -130,11 +133,13 @@ pub enum Connack {
 }
 
 /// An open QoS 2 exchange, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Exchange {
     pub pkid: u16,
     pub topic: String,
-    pub payload: Vec<u8>,
+    /// Its readings, in the order they were sent (empty once they were
+    /// queued again after a missed CONNACK: only its release is owed).
+    pub readings: Vec<Queued>,
     /// True once PUBREC was recorded: resume with PUBREL, not PUBLISH.
     pub released: bool,
 }
@@ -207,8 +212,27 @@ struct Gap {
 /// Share of the size cap that readings may fill; the rest is headroom for
 /// exchange rows and state updates, so the outbox can always drain.
 const INTAKE_SHARE: f64 = 0.9;
+/// Fewest pages kept free for draining, however small the cap.
+const MIN_RESERVE_PAGES: u64 = 12;
 /// Delivered routine readings deleted at once when the cap is near.
 const PRESSURE_PRUNE_ROWS: i64 = 2000;
+
+/// Maps a row of [`NEXT_QUEUED`] or [`EXCHANGE_READINGS`].
+fn queued_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
+    let priority: String = row.get(6)?;
+    Ok(Queued {
+        id: row.get(0)?,
+        device: row.get(1)?,
+        seq: row.get(2)?,
+        kind: row.get(3)?,
+        value: row.get(4)?,
+        unit: row.get(5)?,
+        priority: Priority::parse(&priority).unwrap_or(Priority::Routine),
+        detail: row.get(7)?,
+        device_time: from_ms(row.get(8)?),
+        received_at: from_ms(row.get(9)?),
+    })
+}
 
 fn is_corruption(e: &StoreError) -> bool {
     let source = match e {
@@ -315,7 +339,8 @@ impl Store {
                 r.get(0)
             })
             .map_err(|e| self.err(e))?;
-        self.intake_limit = Some((set as f64 * INTAKE_SHARE) as u64);
+        let reserve = ((set as f64 * (1.0 - INTAKE_SHARE)) as u64).max(MIN_RESERVE_PAGES);
+        self.intake_limit = Some(set.saturating_sub(reserve));
         Ok(())
     }
 
@@ -569,21 +594,7 @@ impl Store {
     pub fn next_queued(&self, priority: Priority, limit: usize) -> Result<Vec<Queued>, StoreError> {
         let run = || -> rusqlite::Result<Vec<Queued>> {
             let mut stmt = self.conn.prepare_cached(NEXT_QUEUED)?;
-            let rows = stmt.query_map(params![priority.as_str(), limit as i64], |row| {
-                let priority: String = row.get(6)?;
-                Ok(Queued {
-                    id: row.get(0)?,
-                    device: row.get(1)?,
-                    seq: row.get(2)?,
-                    kind: row.get(3)?,
-                    value: row.get(4)?,
-                    unit: row.get(5)?,
-                    priority: Priority::parse(&priority).unwrap_or(Priority::Routine),
-                    detail: row.get(7)?,
-                    device_time: from_ms(row.get(8)?),
-                    received_at: from_ms(row.get(9)?),
-                })
-            })?;
+            let rows = stmt.query_map(params![priority.as_str(), limit as i64], queued_row)?;
             rows.collect()
         };
         run().map_err(|e| self.err(e))
@@ -595,17 +606,16 @@ impl Store {
         &mut self,
         pkid: u16,
         topic: &str,
-        payload: &[u8],
         reading_ids: &[i64],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             tx.prepare_cached(
-                "INSERT INTO exchanges (pkid, topic, payload, stage, created_at, sent_count)
-                 VALUES (?1, ?2, ?3, 'publish', ?4, 1)",
+                "INSERT INTO exchanges (pkid, topic, stage, created_at, sent_count)
+                 VALUES (?1, ?2, 'publish', ?3, 1)",
             )?
-            .execute(params![pkid, topic, payload, to_ms(now)])?;
+            .execute(params![pkid, topic, to_ms(now)])?;
             let exchange = tx.last_insert_rowid();
             let mut mark = tx.prepare_cached(
                 "UPDATE readings SET state = 'inflight', exchange_id = ?1, pkid = ?2,
@@ -676,22 +686,31 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Every open exchange, oldest first.
+    /// Every open exchange, oldest first, with its readings.
     pub fn open_exchanges(&self) -> Result<Vec<Exchange>, StoreError> {
         let run = || -> rusqlite::Result<Vec<Exchange>> {
             let mut stmt = self
                 .conn
-                .prepare_cached("SELECT pkid, topic, payload, stage FROM exchanges ORDER BY id")?;
-            let rows = stmt.query_map([], |row| {
-                let stage: String = row.get(3)?;
-                Ok(Exchange {
-                    pkid: row.get(0)?,
-                    topic: row.get(1)?,
-                    payload: row.get(2)?,
-                    released: stage == "release",
+                .prepare_cached("SELECT id, pkid, topic, stage FROM exchanges ORDER BY id")?;
+            let rows: Vec<(i64, u16, String, String)> = stmt
+                .query_map([], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut members = self.conn.prepare_cached(EXCHANGE_READINGS)?;
+            rows.into_iter()
+                .map(|(id, pkid, topic, stage)| {
+                    let readings = members
+                        .query_map(params![id], queued_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok(Exchange {
+                        pkid,
+                        topic,
+                        readings,
+                        released: stage == "release",
+                    })
                 })
-            })?;
-            rows.collect()
+                .collect()
         };
         run().map_err(|e| self.err(e))
     }
@@ -1018,9 +1037,7 @@ mod tests {
             .unwrap();
         let alerts = store.next_queued(Priority::Alert, 10).unwrap();
         assert_eq!(alerts.len(), 1);
-        store
-            .begin_exchange(7, "t", b"x", &[alerts[0].id], now)
-            .unwrap();
+        store.begin_exchange(7, "t", &[alerts[0].id], now).unwrap();
         assert_eq!(store.counts().unwrap().inflight, 1);
         assert!(store.exchange_released(7).unwrap());
         let open = store.open_exchanges().unwrap();
@@ -1042,7 +1059,7 @@ mod tests {
             .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
             .unwrap();
         let q = store.next_queued(Priority::Routine, 10).unwrap();
-        store.begin_exchange(1, "t", b"x", &[q[0].id], now).unwrap();
+        store.begin_exchange(1, "t", &[q[0].id], now).unwrap();
         assert_eq!(store.settle_connack(Connack::Absent, false).unwrap(), 1);
         assert_eq!(store.next_queued(Priority::Routine, 10).unwrap().len(), 1);
         assert!(store.open_exchanges().unwrap().is_empty());
@@ -1063,8 +1080,8 @@ mod tests {
             )
             .unwrap();
         let q = store.next_queued(Priority::Routine, 10).unwrap();
-        store.begin_exchange(1, "t", b"a", &[q[0].id], now).unwrap();
-        store.begin_exchange(2, "t", b"b", &[q[1].id], now).unwrap();
+        store.begin_exchange(1, "t", &[q[0].id], now).unwrap();
+        store.begin_exchange(2, "t", &[q[1].id], now).unwrap();
         store.exchange_released(2).unwrap();
         // A broker that keeps sessions: the session is ours, nothing moves.
         let mut trusting = Store::open(&_dir.path().join("other.db")).unwrap();
@@ -1072,9 +1089,7 @@ mod tests {
             .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
             .unwrap();
         let t = trusting.next_queued(Priority::Routine, 1).unwrap();
-        trusting
-            .begin_exchange(3, "t", b"c", &[t[0].id], now)
-            .unwrap();
+        trusting.begin_exchange(3, "t", &[t[0].id], now).unwrap();
         trusting.exchange_released(3).unwrap();
         assert_eq!(trusting.settle_connack(Connack::Present, true).unwrap(), 0);
         assert_eq!(store.settle_connack(Connack::Present, true).unwrap(), 1);
@@ -1094,7 +1109,7 @@ mod tests {
             .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
             .unwrap();
         let q = store.next_queued(Priority::Routine, 10).unwrap();
-        store.begin_exchange(5, "t", b"a", &[q[0].id], now).unwrap();
+        store.begin_exchange(5, "t", &[q[0].id], now).unwrap();
         assert_eq!(store.complete_exchange(5, now).unwrap(), 0);
         assert_eq!(store.open_exchanges().unwrap().len(), 1);
         assert_eq!(store.counts().unwrap().delivered, 0);

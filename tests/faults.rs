@@ -1,0 +1,244 @@
+//! The faults beyond a crash: a broker that lost our session, a store that
+//! reaches its size cap, and a damaged database at start.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{GatewayOpts, Hearth, Rig, Sim, hearth, readings};
+use crate::support::{FaultProxy, Received, Receiver, wait_for};
+
+fn status(config: &std::path::Path) -> Value {
+    let (code, out, err) = hearth(&[
+        "status",
+        "--format",
+        "json",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "hearth status failed: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn delivered_ids(all: &[Received]) -> Vec<String> {
+    all.iter()
+        .flat_map(|d| {
+            let v: Value = serde_json::from_slice(&d.payload).unwrap();
+            crate::harness::ids(&v)
+        })
+        .collect()
+}
+
+#[test]
+fn a_lost_session_requeues_what_was_in_flight_once_with_a_warning() {
+    let mut rig = Rig::new("gw-lost");
+    let proxy = FaultProxy::start(([127, 0, 0, 1], rig.broker.port).into());
+    let mut gw = GatewayOpts::new("gw-lost");
+    gw.mqtt_port = Some(proxy.port);
+    gw.batch = 4;
+    let receiver = Receiver::start(
+        "127.0.0.1",
+        rig.broker.port,
+        &rig.certs,
+        "hospital-lost",
+        &["hearth/v1/gw-lost/readings", "hearth/v1/gw-lost/alerts"],
+    );
+    let sim = Sim::start(&["--count", "60", "--interval-ms", "20", "--alert-rate", "0"]);
+    let config = rig.config(&gw, &sim.pty);
+    let _hearth = Hearth::start(&config);
+    assert!(receiver.wait_until(Duration::from_secs(20), |all| delivered_ids(all).len() >= 5));
+
+    // Stall the link so exchanges stay open, then lose the broker's state:
+    // SIGKILL with nothing saved (autosave is off in the test broker).
+    proxy.blackhole(true);
+    wait_for(Duration::from_secs(20), "exchanges in flight", || {
+        (status(&config)["readings"]["inflight"].as_u64().unwrap() > 0).then_some(())
+    });
+    rig.broker.kill();
+    rig.broker.relaunch();
+    proxy.cut_now();
+    proxy.blackhole(false);
+
+    let summary = sim.finish(Duration::from_secs(60));
+    assert_eq!(summary["acked"], 60);
+    assert!(
+        receiver.wait_until(Duration::from_secs(30), |all| {
+            delivered_ids(all).into_iter().collect::<HashSet<_>>().len() == 60
+        }),
+        "not every reading arrived after the lost session"
+    );
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Broker has no session"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains(" WARN "), "{}", warnings[0]);
+    let requeued: u64 = warnings[0]
+        .split("requeued=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the warning gives the count");
+    assert!(requeued > 0);
+    assert_eq!(status(&config)["requeued_after_lost_session"], requeued);
+}
+
+#[test]
+fn a_full_store_says_busy_keeps_draining_and_takes_readings_again() {
+    let rig = Rig::new("gw-full");
+    let proxy = FaultProxy::start(([127, 0, 0, 1], rig.broker.port).into());
+    let mut gw = GatewayOpts::new("gw-full");
+    gw.mqtt_port = Some(proxy.port);
+    gw.max_size_mb = 0.25;
+    let receiver = Receiver::start(
+        "127.0.0.1",
+        rig.broker.port,
+        &rig.certs,
+        "hospital-full",
+        &["hearth/v1/gw-full/readings", "hearth/v1/gw-full/alerts"],
+    );
+    // The hospital is out of reach while the device sends far more than
+    // 256 KiB holds.
+    proxy.blackhole(true);
+    let count = 3000;
+    let sim = Sim::start(&[
+        "--count",
+        "3000",
+        "--interval-ms",
+        "0",
+        "--ack-timeout-ms",
+        "200",
+        "--alert-rate",
+        "0.05",
+    ]);
+    let config = rig.config(&gw, &sim.pty);
+    let hearth_run = Hearth::start(&config);
+    hearth_run.wait_log_count("Store is full", 1, Duration::from_secs(60));
+    let full = status(&config);
+    assert_eq!(full["alarms"], serde_json::json!(["store-full"]), "{full}");
+    let held = full["readings"]["queued_alert"].as_u64().unwrap()
+        + full["readings"]["queued_routine"].as_u64().unwrap()
+        + full["readings"]["inflight"].as_u64().unwrap();
+    assert!(held > 100 && held < count, "{full}");
+    let log = hearth_run.log_text();
+    assert!(
+        log.contains(" ERROR ") && log.contains("Store is full"),
+        "an ERROR names it"
+    );
+
+    // The hospital is back: the backlog drains, space is freed, the device
+    // gets its ACKs again and every reading arrives once.
+    proxy.blackhole(false);
+    proxy.cut_now();
+    let summary = sim.finish(Duration::from_secs(180));
+    assert_eq!(summary["acked"], count);
+    assert!(summary["busy"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        receiver.wait_until(Duration::from_secs(60), |all| delivered_ids(all).len()
+            as u64
+            >= count)
+    );
+    let ids = delivered_ids(&receiver.deliveries());
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        (ids.len(), unique.len()),
+        (count as usize, count as usize),
+        "exactly once"
+    );
+    wait_for(Duration::from_secs(20), "the alarm cleared", || {
+        (status(&config)["alarms"] == serde_json::json!([])).then_some(())
+    });
+    // Space came from delivered routine readings only: alerts stay.
+    let alerts = summary["alerts"].as_u64().unwrap();
+    let kept_alerts = readings(&config, &["--state", "delivered"])
+        .iter()
+        .filter(|r| r["priority"] == "alert")
+        .count() as u64;
+    assert_eq!(kept_alerts, alerts);
+}
+
+#[test]
+fn a_damaged_database_is_moved_aside_and_a_fresh_one_started() {
+    let rig = Rig::new("gw-rot");
+    let gw = GatewayOpts::new("gw-rot");
+    let db = rig.db(&gw);
+    {
+        let sim = Sim::start(&["--count", "200", "--interval-ms", "0"]);
+        let config = rig.config(&gw, &sim.pty);
+        let mut h = Hearth::start(&config);
+        sim.finish(Duration::from_secs(60));
+        assert!(h.stop().success());
+    }
+    // Everything into the main file (hearth leaves a WAL behind), then
+    // scribble over the middle of it, as failing storage would.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(
+        bytes.len() > 3 * 4096,
+        "the database is {} bytes",
+        bytes.len()
+    );
+    for b in &mut bytes[4096..3 * 4096] {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+
+    let sim = Sim::start(&[
+        "--count",
+        "20",
+        "--interval-ms",
+        "0",
+        "--device-id",
+        "PM-NEW",
+    ]);
+    let config = rig.config(&gw, &sim.pty);
+    let h = Hearth::start(&config);
+    h.wait_log_count("Database is damaged", 1, Duration::from_secs(20));
+    let line = h
+        .log_text()
+        .lines()
+        .find(|l| l.contains("Database is damaged"))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains(" ERROR "), "{line}");
+    let aside = std::fs::read_dir(rig.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_string_lossy().contains("gw-rot.db.corrupt-")
+                && !p.to_string_lossy().ends_with("-wal")
+        })
+        .expect("the damaged file is kept");
+    assert!(
+        line.contains(&aside.display().to_string()),
+        "the ERROR names `{}`: {line}",
+        aside.display()
+    );
+    assert_eq!(
+        std::fs::read(&aside).unwrap()[4096..3 * 4096],
+        bytes[4096..3 * 4096]
+    );
+
+    // The fresh database takes readings and says what happened.
+    sim.finish(Duration::from_secs(60));
+    let st = status(&config);
+    assert!(
+        st["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "store-recovered"),
+        "{st}"
+    );
+    assert_eq!(st["moved_aside"], aside.display().to_string());
+    wait_for(
+        Duration::from_secs(20),
+        "20 readings in the fresh store",
+        || (readings(&config, &[]).len() == 20).then_some(()),
+    );
+}

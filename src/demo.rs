@@ -27,7 +27,7 @@ const GATEWAY_ID: &str = "gw-demo";
 const DEVICE_ID: &str = "PM-DEMO-01";
 
 pub fn run(count: u64, interval: Duration) -> anyhow::Result<()> {
-    crate::cli::init_logging("warn,rumqttd=off");
+    crate::cli::init_logging("warn,rumqttd=off,hearth::serial::reader=error");
     crate::mqtt::tls::install_crypto_provider();
     let dir = tempfile_dir()?;
     let result = run_in(dir.path(), count, interval);

@@ -121,6 +121,23 @@ fn thousand_readings_reach_the_subscriber_exactly_once_in_seq_order() {
         );
     }
     assert_eq!(readings(&config, &["--state", "queued"]).len(), 0);
+    let cfg = config.to_str().unwrap();
+    let (code, table, err) = crate::harness::hearth(&["status", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "delivered        1000",
+        "in flight        0",
+        "broker           connected",
+    ] {
+        assert!(
+            table.contains(line),
+            "`hearth status` lacks `{line}`:\n{table}"
+        );
+    }
+    let (code, csv, _) =
+        crate::harness::hearth(&["readings", "list", "--format", "csv", "--config", cfg]);
+    assert_eq!(code, 0);
+    assert_eq!(csv.lines().count(), 1001, "a header and 1000 rows");
     assert_eq!(
         readings(&config, &["--limit", "10", "--device", "PM-000001"]).len(),
         10
@@ -144,4 +161,49 @@ fn thousand_readings_reach_the_subscriber_exactly_once_in_seq_order() {
         last_status.payload
     );
     let _ = ids;
+}
+
+#[test]
+fn heartbeat_tells_when_the_implant_was_last_heard_and_what_waits() {
+    let rig = Rig::new("gw-beat");
+    let mut gw = GatewayOpts::new("gw-beat");
+    gw.heartbeat = 1;
+    let sub = Subscriber::start(
+        &rig.broker,
+        &rig.certs,
+        "hospital-beat",
+        &["hearth/v1/gw-beat/status"],
+    );
+    let sim = Sim::start(&[
+        "--count",
+        "20",
+        "--interval-ms",
+        "0",
+        "--device-id",
+        "ICD-0042",
+    ]);
+    let config = rig.config(&gw, &sim.pty);
+    let _hearth = Hearth::start(&config);
+    sim.finish(Duration::from_secs(30));
+    let got = sub.wait_all(Duration::from_secs(10), |all| {
+        all.iter().any(|d| d.payload["reason"] == "heartbeat")
+    });
+    let beat = got
+        .iter()
+        .find(|d| d.payload["reason"] == "heartbeat")
+        .expect("a heartbeat within 10 s");
+    let p = &beat.payload;
+    assert_eq!(p["state"], "online");
+    assert_eq!(p["devices"][0]["device"], "ICD-0042", "{p}");
+    assert!(
+        p["devices"][0]["last_heard"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "{p}"
+    );
+    for key in ["alert", "routine", "inflight"] {
+        assert!(p["backlog"][key].is_u64(), "backlog lacks `{key}`: {p}");
+    }
+    assert_eq!(p["alarms"], serde_json::json!([]));
 }

@@ -242,3 +242,55 @@ fn a_damaged_database_is_moved_aside_and_a_fresh_one_started() {
         || (readings(&config, &[]).len() == 20).then_some(()),
     );
 }
+
+#[test]
+fn a_silent_link_brings_the_will_within_a_few_keepalives() {
+    use crate::support::Subscriber;
+    let rig = Rig::new("gw-mute");
+    let proxy = FaultProxy::start(([127, 0, 0, 1], rig.broker.port).into());
+    let mut gw = GatewayOpts::new("gw-mute");
+    gw.mqtt_port = Some(proxy.port);
+    let keep_alive = Duration::from_secs(gw.keep_alive.into());
+    let sub = Subscriber::start(
+        &rig.broker,
+        &rig.certs,
+        "hospital-mute",
+        &["hearth/v1/gw-mute/status"],
+    );
+    let sim = Sim::start(&["--count", "10", "--interval-ms", "0"]);
+    let config = rig.config(&gw, &sim.pty);
+    let _hearth = Hearth::start(&config);
+    let online = |d: &crate::support::Delivery| d.payload["state"] == "online";
+    sub.wait_all(Duration::from_secs(20), |all| all.iter().any(online));
+
+    // The link goes silent: no FIN, no RST, nothing.
+    proxy.blackhole(true);
+    let muted = std::time::Instant::now();
+    // MQTT says 1.5 keep-alives after the last packet; mosquitto 2.0.11 was
+    // seen here to take about 2.3 (its keep-alive check runs in coarse
+    // steps). A kill -9 closes the socket and the will is immediate
+    // (crash.rs); this is the case only a keep-alive can catch.
+    let limit = keep_alive * 3;
+    let all = sub.wait_all(limit + Duration::from_secs(5), |all| {
+        all.iter().any(|d| d.payload["reason"] == "connection-lost")
+    });
+    let will = all
+        .iter()
+        .find(|d| d.payload["reason"] == "connection-lost")
+        .expect("the will");
+    let after = will.at.duration_since(muted);
+    assert!(after <= limit, "will after {after:?}, limit {limit:?}");
+    assert_eq!(will.payload["state"], "offline");
+
+    // Back again: online with a higher session.
+    let before = will.payload["session"].as_u64().unwrap();
+    proxy.blackhole(false);
+    let all = sub.wait_all(Duration::from_secs(30), |all| {
+        all.iter()
+            .any(|d| online(d) && d.payload["session"].as_u64().unwrap() > before)
+    });
+    assert!(
+        all.iter()
+            .any(|d| online(d) && d.payload["session"].as_u64().unwrap() > before)
+    );
+}

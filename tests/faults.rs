@@ -294,3 +294,72 @@ fn a_silent_link_brings_the_will_within_a_few_keepalives() {
             .any(|d| online(d) && d.payload["session"].as_u64().unwrap() > before)
     );
 }
+
+#[test]
+fn after_a_long_outage_alerts_go_first_then_the_backlog_in_order() {
+    let mut rig = Rig::new("gw-away");
+    let gw = GatewayOpts::new("gw-away");
+    let receiver = Receiver::start(
+        "127.0.0.1",
+        rig.broker.port,
+        &rig.certs,
+        "hospital-away",
+        &["hearth/v1/gw-away/readings", "hearth/v1/gw-away/alerts"],
+    );
+    // The broker is away while the device sends its readings.
+    rig.broker.stop();
+    let sim = Sim::start(&[
+        "--count",
+        "400",
+        "--interval-ms",
+        "0",
+        "--alert-rate",
+        "0.05",
+        "--seed",
+        "3",
+    ]);
+    let config = rig.config(&gw, &sim.pty);
+    let _hearth = Hearth::start(&config);
+    let summary = sim.finish(Duration::from_secs(60));
+    let alerts = summary["alerts"].as_u64().unwrap();
+    assert!(alerts > 5, "{summary}");
+    let st = status(&config);
+    assert_eq!(st["readings"]["queued_alert"], alerts, "{st}");
+
+    rig.broker.relaunch();
+    assert!(
+        receiver.wait_until(Duration::from_secs(30), |all| delivered_ids(all).len()
+            >= 400)
+    );
+    let deliveries = receiver.deliveries();
+    let first_routine = deliveries
+        .iter()
+        .position(|d| d.topic.ends_with("/readings"))
+        .expect("routine readings arrived");
+    let alerts_before: u64 = deliveries[..first_routine]
+        .iter()
+        .map(|d| delivered_ids(std::slice::from_ref(d)).len() as u64)
+        .sum();
+    assert_eq!(
+        alerts_before, alerts,
+        "every queued alert before the routine backlog"
+    );
+    // The backlog itself arrives in seq order.
+    let seqs: Vec<u64> = deliveries[first_routine..]
+        .iter()
+        .flat_map(|d| {
+            let v: Value = serde_json::from_slice(&d.payload).unwrap();
+            v["readings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["seq"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "routine backlog out of order"
+    );
+    assert_eq!(seqs.len() as u64 + alerts, 400);
+}

@@ -44,6 +44,21 @@ impl Drop for SocatPair {
     }
 }
 
+fn open_device(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the device end")
+}
+
+fn ack(seq: u32) -> Frame {
+    Frame::Ack {
+        device_id: "PM-RAW".into(),
+        seq,
+    }
+}
+
 fn reading(seq: u32) -> Vec<u8> {
     Frame::Reading(Reading {
         device_id: "PM-RAW".into(),
@@ -94,22 +109,12 @@ fn damaged_garbage_and_oversized_frames_are_naked_kept_and_the_run_goes_on() {
     let pair = SocatPair::start(rig.dir.path());
     let config = rig.config(&gw, &pair.b);
     let _hearth = Hearth::start(&config);
-    let mut device = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pair.a)
-        .expect("open the device end");
+    let mut device = open_device(&pair.a);
     let mut decoder = Decoder::new();
 
     // A good frame is ACKed once the gateway has opened its end.
     device.write_all(&reading(1)).unwrap();
-    assert_eq!(
-        answers(&mut device, &mut decoder, 1),
-        [Frame::Ack {
-            device_id: "PM-RAW".into(),
-            seq: 1
-        }]
-    );
+    assert_eq!(answers(&mut device, &mut decoder, 1), [ack(1)]);
 
     // One byte flipped: the checksum catches it.
     let mut corrupt = reading(2);
@@ -137,13 +142,7 @@ fn damaged_garbage_and_oversized_frames_are_naked_kept_and_the_run_goes_on() {
         ["checksum", "garbage", "oversized", "truncated"],
         "{got:?}"
     );
-    assert_eq!(
-        got[4],
-        Frame::Ack {
-            device_id: "PM-RAW".into(),
-            seq: 2
-        }
-    );
+    assert_eq!(got[4], ack(2));
 
     // Every rejected run is kept, with its reason and raw bytes.
     assert_eq!(
@@ -234,23 +233,10 @@ fn the_reader_waits_out_an_unplugged_port_and_carries_on() {
     let pair = SocatPair::start(rig.dir.path());
     let config = rig.config(&gw, &pair.b);
     let hearth = Hearth::start(&config);
-    let open = |path: &Path| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .expect("open the device end")
-    };
-    let mut device = open(&pair.a);
+    let mut device = open_device(&pair.a);
     let mut decoder = Decoder::new();
     device.write_all(&reading(1)).unwrap();
-    assert_eq!(
-        answers(&mut device, &mut decoder, 1),
-        [Frame::Ack {
-            device_id: "PM-RAW".into(),
-            seq: 1
-        }]
-    );
+    assert_eq!(answers(&mut device, &mut decoder, 1), [ack(1)]);
 
     // Unplug: both ends vanish. The reader logs it and waits.
     let dir = rig.dir.path().to_owned();
@@ -262,16 +248,10 @@ fn the_reader_waits_out_an_unplugged_port_and_carries_on() {
     // Plug it back in: the reader reopens it and takes readings again.
     let pair = SocatPair::start(&dir);
     hearth.wait_log_count("Serial port opened", 2, Duration::from_secs(20));
-    let mut device = open(&pair.a);
+    let mut device = open_device(&pair.a);
     let mut decoder = Decoder::new();
     device.write_all(&reading(2)).unwrap();
-    assert_eq!(
-        answers(&mut device, &mut decoder, 1),
-        [Frame::Ack {
-            device_id: "PM-RAW".into(),
-            seq: 2
-        }]
-    );
+    assert_eq!(answers(&mut device, &mut decoder, 1), [ack(2)]);
     wait_for(Duration::from_secs(20), "both readings delivered", || {
         (readings(&config, &["--state", "delivered"]).len() == 2).then_some(())
     });

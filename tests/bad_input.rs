@@ -89,6 +89,19 @@ fn answers(port: &mut std::fs::File, decoder: &mut Decoder, n: usize) -> Vec<Fra
     out
 }
 
+fn rejected_raw(db: &Path) -> Vec<Vec<u8>> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
+    let mut stmt = conn
+        .prepare("SELECT raw FROM rejected_frames ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
 fn rejected_reasons(db: &Path) -> Vec<String> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -149,6 +162,15 @@ fn damaged_garbage_and_oversized_frames_are_naked_kept_and_the_run_goes_on() {
         rejected_reasons(&rig.db(&gw)),
         ["checksum", "garbage", "oversized", "truncated"]
     );
+
+    let raw = rejected_raw(&rig.db(&gw));
+    assert_eq!(raw[0], corrupt, "the damaged frame is kept as it came");
+    assert_eq!(raw[1], b"boot banner v1.2", "the garbage run is kept");
+    assert_eq!(
+        &raw[2][..],
+        &oversized[..hearth::serial::frame::MAX_FRAME_LEN]
+    );
+    assert_eq!(&raw[3][..], truncated);
 
     // The run goes on: both good readings are stored (and delivered).
     let rows = wait_for(Duration::from_secs(20), "two readings delivered", || {

@@ -44,7 +44,9 @@ fn kill9_publishes_the_will_and_a_restart_loses_nothing() {
 
     hearth.kill9();
     let killed = Instant::now();
-    let limit = keep_alive.mul_f64(1.5) + Duration::from_secs(2);
+    // The issue asks for 1.5 keep-alives + 2 s; a kill closes the socket, so
+    // the broker publishes the will at once: hold it to 3 s.
+    let limit = (keep_alive.mul_f64(1.5) + Duration::from_secs(2)).min(Duration::from_secs(3));
     let will = sub
         .collect_until(limit + Duration::from_secs(5), |all| {
             all.iter().any(|d| is_status(d, "offline"))

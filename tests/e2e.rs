@@ -143,8 +143,11 @@ fn thousand_readings_reach_the_subscriber_exactly_once_in_seq_order() {
         10
     );
 
-    // A clean stop leaves a retained offline status with reason shutdown.
+    // A clean stop leaves a retained offline status with reason shutdown,
+    // and nothing arrived twice by then either.
     assert!(hearth.stop().success());
+    let late = reading_deliveries(&sub.all());
+    assert_eq!(late.len(), 1000, "a late duplicate arrived");
     let statuses = sub.collect_until(Duration::from_secs(10), |all| {
         all.iter()
             .any(|d| d.topic.ends_with("/status") && d.payload["state"] == "offline")

@@ -114,7 +114,7 @@ fn a_full_store_says_busy_keeps_draining_and_takes_readings_again() {
         "0.05",
     ]);
     let config = rig.config(&gw, &sim.pty);
-    let hearth_run = Hearth::start(&config);
+    let mut hearth_run = Hearth::start(&config);
     hearth_run.wait_log_count("Store is full", 1, Duration::from_secs(60));
     let full = status(&config);
     assert_eq!(full["alarms"], serde_json::json!(["store-full"]), "{full}");
@@ -282,6 +282,8 @@ fn a_silent_link_brings_the_will_within_a_few_keepalives() {
     assert!(after <= limit, "will after {after:?}, limit {limit:?}");
     assert_eq!(will.payload["state"], "offline");
 
+    // hearth found out by itself: its PINGREQ went unanswered.
+    _hearth.wait_log_count("no PINGRESP", 1, Duration::from_secs(1));
     // Back again: online with a higher session.
     let before = will.payload["session"].as_u64().unwrap();
     proxy.blackhole(false);

@@ -59,6 +59,15 @@ CREATE TABLE rejected_frames (
 );
 CREATE INDEX rejected_received ON rejected_frames (received_at);
 
+-- Per device: every seq up to `frontier` is stored (or was declared skipped
+-- after a gap that stayed open). Never pruned, so a seq reused after its
+-- reading was deleted is still caught. Routine readings past a gap wait for
+-- the missing one; alerts never wait, so they may be stored ahead of it.
+CREATE TABLE devices (
+    device   TEXT PRIMARY KEY,
+    frontier INTEGER NOT NULL
+) WITHOUT ROWID;
+
 -- Small facts the running gateway records for `hearth status`
 -- (session counter, broker state, last delivery, ...).
 CREATE TABLE gateway_state (

@@ -80,9 +80,10 @@ pub enum Format {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["port", "pty"])))]
 pub struct SimulateArgs {
     /// The serial port to talk on (e.g. one end of a socat pair).
-    #[arg(long, conflicts_with = "pty", required_unless_present = "pty")]
+    #[arg(long)]
     pub port: Option<PathBuf>,
     /// Make a pseudo-terminal pair and print the path for the gateway.
     #[arg(long)]

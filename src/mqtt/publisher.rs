@@ -105,6 +105,8 @@ pub struct Publisher {
     ping_sent: Option<Instant>,
     /// A CONNACK was seen on the current connection.
     connected: bool,
+    /// The store refused a new exchange (logged once until it takes one).
+    store_full: bool,
 }
 
 impl Publisher {
@@ -124,6 +126,7 @@ impl Publisher {
             backlog_hint: true,
             ping_sent: None,
             connected: false,
+            store_full: false,
         }
     }
 
@@ -198,7 +201,7 @@ impl Publisher {
             r = conn.connect(connect) => match r {
                 Ok(ack) => ack,
                 Err(e @ ConnectionError::Refused(_)) => {
-                    self.store.call(|s| s.connect_refused()).await?;
+                    self.store.call(move |s| s.connect_refused(unseen)).await?;
                     return Err(e.into());
                 }
                 Err(e) => return Err(e.into()),
@@ -449,15 +452,19 @@ impl Publisher {
                 .await
             {
                 Ok(taken) => taken,
-                Err(StoreError::Full { .. }) => {
+                Err(e @ StoreError::Full { .. }) => {
                     // Completing open exchanges frees room; PUBCOMP and the
                     // ping tick set the hint again.
-                    tracing::warn!("Store full: no new exchange until space is freed.");
+                    if !self.store_full {
+                        tracing::warn!(error = %e, "No new exchange until space is freed.");
+                        self.store_full = true;
+                    }
                     self.backlog_hint = false;
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
             };
+            self.store_full = false;
             let Some((topic, body, n)) = taken else {
                 if routine_allowed {
                     self.backlog_hint = false;
@@ -479,7 +486,14 @@ impl Publisher {
                 let pkid = rec.pkid;
                 match self.slots.get(&pkid) {
                     Some(Slot::Readings { released: false }) => {
-                        self.store.call(move |s| s.exchange_released(pkid)).await?;
+                        if !self.store.call(move |s| s.exchange_released(pkid)).await? {
+                            tracing::warn!(
+                                pkid,
+                                "PUBREC for an exchange the store no longer has; the id is left unused on this connection."
+                            );
+                            self.slots.insert(pkid, Slot::Blocked);
+                            return Ok(());
+                        }
                         self.slots.insert(pkid, Slot::Readings { released: true });
                     }
                     Some(Slot::Readings { released: true }) => {}

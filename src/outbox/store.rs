@@ -37,7 +37,10 @@ const INSERT_READING: &str = "INSERT INTO readings
     ON CONFLICT (device, seq) DO NOTHING";
 const SAME_READING: &str = "SELECT kind = ?3 AND value = ?4 AND priority = ?5
     AND detail IS ?6 AND device_time = ?7 FROM readings WHERE device = ?1 AND seq = ?2";
-const LAST_SEQ: &str = "SELECT max(seq) FROM readings WHERE device = ?1";
+const GET_FRONTIER: &str = "SELECT frontier FROM devices WHERE device = ?1";
+const SET_FRONTIER: &str = "INSERT INTO devices (device, frontier) VALUES (?1, ?2)
+    ON CONFLICT (device) DO UPDATE SET frontier = excluded.frontier";
+const HAS_SEQ: &str = "SELECT 1 FROM readings WHERE device = ?1 AND seq = ?2";
 const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
     (received_at, port, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)";
 const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
@@ -202,11 +205,28 @@ pub struct Store {
 /// is taken as the device's own (it skipped numbers).
 pub const GAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Where a reading stands against its device's frontier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// At or below the frontier: stored already, or a reused seq.
+    Existing,
+    /// The next one.
+    InOrder,
+    /// An alert past a gap: never held.
+    Ahead,
+    /// Past a gap that stayed open: the device skipped numbers.
+    Skipping,
+}
+
 /// An open gap in one device's sequence.
 #[derive(Debug)]
 struct Gap {
     expected: u32,
+    /// When this gap was first seen...
     since: std::time::Instant,
+    /// ...and last seen: a gap not seen for [`GAP_WAIT`] starts afresh, so
+    /// a pause (store full, port unplugged) does not count as waiting.
+    last: std::time::Instant,
 }
 
 /// Share of the size cap that readings may fill; the rest is headroom for
@@ -214,8 +234,35 @@ struct Gap {
 const INTAKE_SHARE: f64 = 0.9;
 /// Fewest pages kept free for draining, however small the cap.
 const MIN_RESERVE_PAGES: u64 = 12;
+/// A reading delivered this recently is never deleted for space.
+const PRESSURE_PRUNE_MIN_AGE_MS: i64 = 10_000;
 /// Delivered routine readings deleted at once when the cap is near.
 const PRESSURE_PRUNE_ROWS: i64 = 2000;
+
+/// The SQL and arguments of `hearth readings list` for `filter`.
+fn list_query(filter: &ListFilter) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = format!("{LIST_COLUMNS} WHERE 1 = 1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(state) = &filter.state {
+        args.push(state.clone().into());
+        sql.push_str(&format!(" AND state = ?{}", args.len()));
+    }
+    if let Some(device) = &filter.device {
+        args.push(device.clone().into());
+        sql.push_str(&format!(" AND device = ?{}", args.len()));
+    }
+    if let Some(since) = filter.since {
+        args.push(to_ms(since).into());
+        sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
+    }
+    // `received_at, id` is the index order of `readings_received`, so a
+    // `--since` on a large table reads only the rows it lists.
+    sql.push_str(" ORDER BY received_at, id");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(" LIMIT {limit}"));
+    }
+    (sql, args)
+}
 
 /// Maps a row of [`NEXT_QUEUED`] or [`EXCHANGE_READINGS`].
 fn queued_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
@@ -363,21 +410,40 @@ impl Store {
         if self.used_pages().map_err(|e| self.err(e))? < limit {
             return Ok(true);
         }
-        let pruned = self
-            .conn
-            .execute(
-                "DELETE FROM readings WHERE id IN (SELECT id FROM readings
-                 WHERE state = 'delivered' AND priority = 'routine' ORDER BY id LIMIT ?1)",
-                params![PRESSURE_PRUNE_ROWS],
-            )
-            .map_err(|e| self.err(e))?;
-        if pruned > 0 {
-            tracing::info!(
-                pruned,
-                "Store near its size cap: oldest delivered routine readings deleted before their retention ended."
-            );
+        // Oldest delivered routine readings first, never one delivered in
+        // the last moments (its device might still resend it), never alerts.
+        let before = to_ms(Utc::now()) - PRESSURE_PRUNE_MIN_AGE_MS;
+        for priority in ["routine"] {
+            let pruned = self
+                .conn
+                .execute(
+                    "DELETE FROM readings WHERE id IN (SELECT id FROM readings
+                     WHERE state = 'delivered' AND priority = ?1 AND delivered_at < ?2
+                     ORDER BY id LIMIT ?3)",
+                    params![priority, before, PRESSURE_PRUNE_ROWS],
+                )
+                .map_err(|e| self.err(e))?;
+            let deleted_rejected = self
+                .conn
+                .execute(
+                    "DELETE FROM rejected_frames WHERE id IN
+                     (SELECT id FROM rejected_frames ORDER BY id LIMIT ?1)",
+                    params![PRESSURE_PRUNE_ROWS],
+                )
+                .map_err(|e| self.err(e))?;
+            if pruned + deleted_rejected > 0 {
+                tracing::info!(
+                    pruned,
+                    priority,
+                    deleted_rejected,
+                    "Store near its size cap: oldest delivered readings and rejected frames deleted before their retention ended."
+                );
+            }
+            if self.used_pages().map_err(|e| self.err(e))? < limit {
+                return Ok(true);
+            }
         }
-        Ok(self.used_pages().map_err(|e| self.err(e))? < limit)
+        Ok(false)
     }
 
     /// Opens an existing database read-only, for the CLI; safe while
@@ -482,7 +548,7 @@ impl Store {
         rejected: &[Rejected],
         now: DateTime<Utc>,
     ) -> Result<Vec<Insert>, StoreError> {
-        if !readings.is_empty() && !self.make_room()? {
+        if !(readings.is_empty() && rejected.is_empty()) && !self.make_room()? {
             return Err(StoreError::Full {
                 path: self.path.clone(),
             });
@@ -503,76 +569,121 @@ impl Store {
                 let mut insert = tx.prepare_cached(INSERT_READING)?;
                 let mut same = tx.prepare_cached(SAME_READING)?;
                 let mut reject = tx.prepare_cached(INSERT_REJECTED)?;
-                let mut last_seq = tx.prepare_cached(LAST_SEQ)?;
+                let mut get_frontier = tx.prepare_cached(GET_FRONTIER)?;
+                let mut set_frontier = tx.prepare_cached(SET_FRONTIER)?;
+                let mut has_seq = tx.prepare_cached(HAS_SEQ)?;
                 for i in order {
                     let r = &readings[i];
-                    let last: Option<u32> =
-                        last_seq.query_row(params![r.device_id], |row| row.get(0))?;
-                    if let Some(last) = last
-                        && r.seq > last.saturating_add(1)
-                    {
-                        let expected = last + 1;
+                    // A device never seen before is expected to start at 1;
+                    // one that starts higher waits out one gap.
+                    let frontier: u32 = get_frontier
+                        .query_row(params![r.device_id], |row| row.get(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    let next = frontier.saturating_add(1);
+                    let take = if r.seq < next {
+                        Take::Existing
+                    } else if r.seq == next {
+                        Take::InOrder
+                    } else if r.priority == Priority::Alert {
+                        Take::Ahead
+                    } else {
+                        // A gap: hold this routine reading until the
+                        // missing one came, unless the gap stays open.
+                        let now_i = std::time::Instant::now();
                         let gap = gaps.entry(r.device_id.clone()).or_insert(Gap {
-                            expected,
-                            since: std::time::Instant::now(),
+                            expected: next,
+                            since: now_i,
+                            last: now_i,
                         });
-                        if gap.expected != expected {
-                            *gap = Gap {
-                                expected,
-                                since: std::time::Instant::now(),
-                            };
+                        if gap.expected != next || now_i - gap.last > gap_wait {
+                            gap.expected = next;
+                            gap.since = now_i;
                         }
-                        if gap.since.elapsed() < gap_wait {
-                            outcomes[i] = Insert::Gap { missing: expected };
+                        gap.last = now_i;
+                        if now_i - gap.since < gap_wait {
+                            outcomes[i] = Insert::Gap { missing: next };
                             continue;
                         }
                         tracing::warn!(
-                            missing_from = expected,
-                            missing_to = r.seq - 1,
+                            %port,
+                            missing = r.seq - next,
                             "A device skipped sequence numbers; its later readings are taken."
                         );
-                    }
-                    gaps.remove(&r.device_id);
-                    let inserted = insert.execute(params![
-                        r.device_id,
-                        r.seq,
-                        r.kind.as_str(),
-                        r.value,
-                        r.kind.unit(),
-                        r.priority.as_str(),
-                        r.detail,
-                        to_ms(r.device_time),
-                        to_ms(now),
-                    ])?;
-                    outcomes[i] = if inserted == 1 {
+                        Take::Skipping
+                    };
+                    let is_new = take != Take::Existing;
+                    let inserted = if is_new {
+                        insert.execute(params![
+                            r.device_id,
+                            r.seq,
+                            r.kind.as_str(),
+                            r.value,
+                            r.kind.unit(),
+                            r.priority.as_str(),
+                            r.detail,
+                            to_ms(r.device_time),
+                            to_ms(now),
+                        ])? == 1
+                    } else {
+                        false
+                    };
+                    outcomes[i] = if inserted {
                         Insert::Stored
                     } else {
-                        let same: bool = same.query_row(
-                            params![
-                                r.device_id,
-                                r.seq,
-                                r.kind.as_str(),
-                                r.value,
-                                r.priority.as_str(),
-                                r.detail,
-                                to_ms(r.device_time)
-                            ],
-                            |row| row.get(0),
-                        )?;
-                        if same {
+                        let same: Option<bool> = same
+                            .query_row(
+                                params![
+                                    r.device_id,
+                                    r.seq,
+                                    r.kind.as_str(),
+                                    r.value,
+                                    r.priority.as_str(),
+                                    r.detail,
+                                    to_ms(r.device_time)
+                                ],
+                                |row| row.get(0),
+                            )
+                            .optional()?;
+                        if same == Some(true) {
                             Insert::Duplicate
                         } else {
+                            // Other content under a stored seq, or a seq at
+                            // or below the frontier that is not stored (its
+                            // reading was deleted, or the device restarted
+                            // its count): never stored under a used id.
+                            let detail = if same.is_some() {
+                                "seq already stored with other content"
+                            } else {
+                                "seq already used (its reading was deleted): the device reuses sequence numbers"
+                            };
                             let frame = crate::serial::frame::Frame::Reading(r.clone());
                             reject.execute(params![
                                 to_ms(now),
                                 port,
                                 "conflict",
-                                "seq already stored with other content",
+                                detail,
                                 frame.encode()
                             ])?;
                             Insert::Conflict
                         }
                     };
+                    if !inserted {
+                        continue;
+                    }
+                    // Advance the frontier over this reading and any stored
+                    // after it (alerts are never held, so may be ahead).
+                    let mut f = match take {
+                        Take::InOrder | Take::Skipping => r.seq,
+                        Take::Ahead | Take::Existing => frontier,
+                    };
+                    while f < u32::MAX && has_seq.exists(params![r.device_id, f + 1])? {
+                        f += 1;
+                    }
+                    if f != frontier {
+                        set_frontier.execute(params![r.device_id, f])?;
+                        gaps.remove(&r.device_id);
+                    }
                 }
                 for rej in rejected {
                     reject.execute(params![
@@ -827,8 +938,12 @@ impl Store {
     }
 
     /// Clears the pending-CONNECT record after a CONNACK that refused us (no
-    /// session was touched).
-    pub fn connect_refused(&mut self) -> Result<(), StoreError> {
+    /// session was touched), unless an earlier CONNECT's CONNACK was never
+    /// seen: that doubt stays until a CONNACK settles it.
+    pub fn connect_refused(&mut self, earlier_unseen: bool) -> Result<(), StoreError> {
+        if earlier_unseen {
+            return Ok(());
+        }
         self.conn
             .execute(
                 "DELETE FROM gateway_state WHERE key = ?1",
@@ -914,24 +1029,7 @@ impl Store {
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<ReadingRow>, StoreError> {
-        let mut sql = format!("{LIST_COLUMNS} WHERE 1 = 1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        if let Some(state) = &filter.state {
-            args.push(state.clone().into());
-            sql.push_str(&format!(" AND state = ?{}", args.len()));
-        }
-        if let Some(device) = &filter.device {
-            args.push(device.clone().into());
-            sql.push_str(&format!(" AND device = ?{}", args.len()));
-        }
-        if let Some(since) = filter.since {
-            args.push(to_ms(since).into());
-            sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
-        }
-        sql.push_str(" ORDER BY id");
-        if let Some(limit) = filter.limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        }
+        let (sql, args) = list_query(filter);
         let run = || -> rusqlite::Result<Vec<ReadingRow>> {
             let mut stmt = self.conn.prepare(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |row| {
@@ -957,15 +1055,22 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
-    /// Deletes delivered readings delivered before `before`; never touches a
-    /// reading that is queued or in flight.
+    /// Deletes delivered readings delivered before `before` (and rejected
+    /// frames received before it); never touches a reading that is queued or
+    /// in flight.
     pub fn prune_delivered(&mut self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        self.conn
-            .execute(
+        let run = |conn: &Connection| -> rusqlite::Result<usize> {
+            let n = conn.execute(
                 "DELETE FROM readings WHERE state = 'delivered' AND delivered_at < ?1",
                 params![to_ms(before)],
-            )
-            .map_err(|e| self.err(e))
+            )?;
+            conn.execute(
+                "DELETE FROM rejected_frames WHERE received_at < ?1",
+                params![to_ms(before)],
+            )?;
+            Ok(n)
+        };
+        run(&self.conn).map_err(|e| self.err(e))
     }
 }
 
@@ -1137,17 +1242,58 @@ mod tests {
             .map(|r| r.seq)
             .collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
-        // A gap that stays open is the device's own: taken after the wait.
+        // A gap the device keeps open while resending is its own: taken
+        // after the wait.
         store.set_gap_wait(std::time::Duration::from_millis(50));
-        assert_eq!(
-            store.commit_serial("p", &[r(9)], &[], now).unwrap(),
-            [Insert::Gap { missing: 5 }]
-        );
-        std::thread::sleep(std::time::Duration::from_millis(60));
+        for _ in 0..2 {
+            assert_eq!(
+                store.commit_serial("p", &[r(9)], &[], now).unwrap(),
+                [Insert::Gap { missing: 5 }]
+            );
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
         assert_eq!(
             store.commit_serial("p", &[r(9)], &[], now).unwrap(),
             [Insert::Stored]
         );
+    }
+
+    #[test]
+    fn an_alert_is_never_held_behind_a_gap() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        let r = |seq| reading(seq, Priority::Routine);
+        store.commit_serial("p", &[r(1)], &[], now).unwrap();
+        let alert = reading(5, Priority::Alert);
+        assert_eq!(
+            store.commit_serial("p", &[alert, r(3)], &[], now).unwrap(),
+            [Insert::Stored, Insert::Gap { missing: 2 }]
+        );
+        // The missing ones arrive; the frontier passes over the alert.
+        assert_eq!(
+            store
+                .commit_serial("p", &[r(2), r(3), r(4), r(6)], &[], now)
+                .unwrap(),
+            [Insert::Stored; 4]
+        );
+    }
+
+    #[test]
+    fn a_seq_reused_after_its_reading_was_deleted_is_refused() {
+        let (_dir, mut store) = open();
+        let now = Utc::now();
+        let r = |seq| reading(seq, Priority::Routine);
+        store.commit_serial("p", &[r(1), r(2)], &[], now).unwrap();
+        store.conn.execute("DELETE FROM readings", []).unwrap();
+        // A device that restarted its count: seq 1 again, other content.
+        let mut again = r(1);
+        again.value = 99.0;
+        assert_eq!(
+            store.commit_serial("p", &[again], &[], now).unwrap(),
+            [Insert::Conflict]
+        );
+        assert_eq!(store.counts().unwrap().rejected_frames, 1);
+        assert!(store.list(&ListFilter::default()).unwrap().is_empty());
     }
 
     #[test]
@@ -1166,6 +1312,40 @@ mod tests {
         let mut store = Store::open(&path).unwrap();
         store.settle_connack(Connack::Present, true).unwrap();
         assert_eq!(store.begin_connect().unwrap(), (3, false));
+    }
+
+    #[test]
+    fn list_filters_use_an_index() {
+        let (_dir, store) = open();
+        let plan = |filter: ListFilter| -> String {
+            let (sql, args) = list_query(&filter);
+            store
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    r.get::<_, String>(3)
+                })
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .join("; ")
+        };
+        let device = plan(ListFilter {
+            device: Some("PM-1".into()),
+            ..Default::default()
+        });
+        assert!(device.contains("sqlite_autoindex_readings_1"), "{device}");
+        let state = plan(ListFilter {
+            state: Some("queued".into()),
+            ..Default::default()
+        });
+        assert!(state.contains("readings_queue"), "{state}");
+        let since = plan(ListFilter {
+            since: Some(Utc::now()),
+            ..Default::default()
+        });
+        assert!(since.contains("readings_received"), "{since}");
     }
 
     #[test]

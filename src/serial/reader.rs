@@ -194,6 +194,7 @@ impl SerialReader {
             .map(|r| (r.device_id.clone(), r.seq))
             .collect();
         let naks: Vec<Frame> = rejected.iter().map(Rejected::nak).collect();
+        let rejected_count = rejected.len();
         for r in &rejected {
             tracing::debug!(reason = %r.reason, bytes = r.raw.len(), "Frame rejected.");
         }
@@ -266,8 +267,9 @@ impl SerialReader {
                 }
                 if conflicts > 0 && self.alarms.raise("seq-conflict") {
                     tracing::error!(
+                        port = %self.path.display(),
                         conflicts,
-                        "A device reused sequence numbers with other content: NAKed and kept in rejected_frames; the device needs attention."
+                        "A device reused sequence numbers: NAKed `conflict` and kept in rejected_frames; the device needs attention."
                     );
                     self.alarms.record(&self.store).await;
                 }
@@ -284,6 +286,13 @@ impl SerialReader {
                     }
                 } else {
                     tracing::error!(error = %e, "Cannot store readings: the device is told BUSY and keeps them.");
+                }
+                if rejected_count > 0 {
+                    tracing::warn!(
+                        port = %self.path.display(),
+                        rejected = rejected_count,
+                        "Rejected frames NAKed but not kept: the store cannot take them."
+                    );
                 }
                 for (device_id, seq) in keys {
                     out.extend(Frame::Busy { device_id, seq }.encode());

@@ -413,37 +413,31 @@ impl Store {
         // Oldest delivered routine readings first, never one delivered in
         // the last moments (its device might still resend it), never alerts.
         let before = to_ms(Utc::now()) - PRESSURE_PRUNE_MIN_AGE_MS;
-        for priority in ["routine"] {
-            let pruned = self
-                .conn
-                .execute(
-                    "DELETE FROM readings WHERE id IN (SELECT id FROM readings
-                     WHERE state = 'delivered' AND priority = ?1 AND delivered_at < ?2
-                     ORDER BY id LIMIT ?3)",
-                    params![priority, before, PRESSURE_PRUNE_ROWS],
-                )
-                .map_err(|e| self.err(e))?;
-            let deleted_rejected = self
-                .conn
-                .execute(
-                    "DELETE FROM rejected_frames WHERE id IN
-                     (SELECT id FROM rejected_frames ORDER BY id LIMIT ?1)",
-                    params![PRESSURE_PRUNE_ROWS],
-                )
-                .map_err(|e| self.err(e))?;
-            if pruned + deleted_rejected > 0 {
-                tracing::info!(
-                    pruned,
-                    priority,
-                    deleted_rejected,
-                    "Store near its size cap: oldest delivered readings and rejected frames deleted before their retention ended."
-                );
-            }
-            if self.used_pages().map_err(|e| self.err(e))? < limit {
-                return Ok(true);
-            }
+        let pruned = self
+            .conn
+            .execute(
+                "DELETE FROM readings WHERE id IN (SELECT id FROM readings
+                 WHERE state = 'delivered' AND priority = 'routine' AND delivered_at < ?1
+                 ORDER BY id LIMIT ?2)",
+                params![before, PRESSURE_PRUNE_ROWS],
+            )
+            .map_err(|e| self.err(e))?;
+        let deleted_rejected = self
+            .conn
+            .execute(
+                "DELETE FROM rejected_frames WHERE id IN
+                 (SELECT id FROM rejected_frames ORDER BY id LIMIT ?1)",
+                params![PRESSURE_PRUNE_ROWS],
+            )
+            .map_err(|e| self.err(e))?;
+        if pruned + deleted_rejected > 0 {
+            tracing::info!(
+                pruned,
+                deleted_rejected,
+                "Store near its size cap: oldest delivered readings and rejected frames deleted before their retention ended."
+            );
         }
-        Ok(false)
+        Ok(self.used_pages().map_err(|e| self.err(e))? < limit)
     }
 
     /// Opens an existing database read-only, for the CLI; safe while
@@ -548,7 +542,8 @@ impl Store {
         rejected: &[Rejected],
         now: DateTime<Utc>,
     ) -> Result<Vec<Insert>, StoreError> {
-        if !(readings.is_empty() && rejected.is_empty()) && !self.make_room()? {
+        let anything = !readings.is_empty() || !rejected.is_empty();
+        if anything && !self.make_room()? {
             return Err(StoreError::Full {
                 path: self.path.clone(),
             });

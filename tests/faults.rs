@@ -140,6 +140,11 @@ fn a_full_store_says_busy_keeps_draining_and_takes_readings_again() {
             as u64
             >= count)
     );
+    wait_for(Duration::from_secs(20), "the alarm cleared", || {
+        (status(&config)["alarms"] == serde_json::json!([])).then_some(())
+    });
+    // Counted after hearth stopped, so a late duplicate would show.
+    assert!(hearth_run.stop().success());
     let ids = delivered_ids(&receiver.deliveries());
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(
@@ -147,9 +152,6 @@ fn a_full_store_says_busy_keeps_draining_and_takes_readings_again() {
         (count as usize, count as usize),
         "exactly once"
     );
-    wait_for(Duration::from_secs(20), "the alarm cleared", || {
-        (status(&config)["alarms"] == serde_json::json!([])).then_some(())
-    });
     // Space came from delivered routine readings only: alerts stay.
     let alerts = summary["alerts"].as_u64().unwrap();
     let kept_alerts = readings(&config, &["--state", "delivered"])

@@ -166,6 +166,29 @@ mod tests {
         assert!(json["readings"][0].get("detail").is_none());
     }
 
+    /// A resumed exchange rebuilds its payload from the stored readings: the
+    /// bytes must not drift between versions, so they are pinned here.
+    #[test]
+    fn batch_bytes_are_stable() {
+        let t = DateTime::from_timestamp_millis(1_764_091_561_123).unwrap();
+        let q = Queued {
+            id: 1,
+            device: "ICD-0042".into(),
+            seq: 7,
+            kind: "episode".into(),
+            value: 482.0,
+            unit: "s".into(),
+            priority: Priority::Alert,
+            detail: Some("AF".into()),
+            device_time: t,
+            received_at: t,
+        };
+        assert_eq!(
+            String::from_utf8(batch("gw-0001", &[q])).unwrap(),
+            r#"{"schema":1,"gateway":"gw-0001","readings":[{"id":"gw-0001/ICD-0042/7","device":"ICD-0042","seq":7,"kind":"episode","value":482.0,"unit":"s","priority":"alert","detail":"AF","device_time":"2025-11-25T17:26:01.123Z","received_at":"2025-11-25T17:26:01.123Z"}]}"#
+        );
+    }
+
     #[test]
     fn will_status_has_reason_connection_lost() {
         let s = Status {

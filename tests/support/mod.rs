@@ -58,6 +58,28 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Waits on `changed` until `done` holds for the guarded state or `timeout`
+/// passes; returns the guard either way (the caller's assertion shows why).
+pub fn wait_on<'a, S>(
+    mut state: std::sync::MutexGuard<'a, S>,
+    changed: &std::sync::Condvar,
+    timeout: Duration,
+    mut done: impl FnMut(&S) -> bool,
+) -> std::sync::MutexGuard<'a, S> {
+    let deadline = Instant::now() + timeout;
+    while !done(&state) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        state = changed
+            .wait_timeout(state, left)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+    state
+}
+
 /// A temporary directory, removed when dropped. Set `HEARTH_KEEP_TEST_DIRS=1`
 /// to keep it for a post-mortem; its path is printed then.
 pub struct TestDir {

@@ -330,21 +330,9 @@ impl Receiver {
         timeout: Duration,
         mut done: impl FnMut(&State) -> bool,
     ) -> MutexGuard<'_, State> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.shared.lock();
-        while !done(&state) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        state
+        super::wait_on(self.shared.lock(), &self.shared.changed, timeout, |s| {
+            done(s)
+        })
     }
 }
 

@@ -212,11 +212,16 @@ enum Take {
     Existing,
     /// The next one.
     InOrder,
-    /// An alert past a gap: never held.
+    /// An alert past a gap that did not close at once: taken ahead of it.
     Ahead,
     /// Past a gap that stayed open: the device skipped numbers.
     Skipping,
 }
+
+/// How long an alert waits for a missing reading before it goes ahead of
+/// it: the device resends a reading NAKed `missing` at once, so a gap left by
+/// a line fault or a crash closes within a round trip or two.
+pub const ALERT_GAP_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// An open gap in one device's sequence.
 #[derive(Debug)]
@@ -580,11 +585,11 @@ impl Store {
                         Take::Existing
                     } else if r.seq == next {
                         Take::InOrder
-                    } else if r.priority == Priority::Alert {
-                        Take::Ahead
                     } else {
-                        // A gap: hold this routine reading until the
-                        // missing one came, unless the gap stays open.
+                        // A gap: hold this reading until the missing one
+                        // came (the device is asked for it at once), unless
+                        // the gap stays open: 2 s for routine readings, a
+                        // moment for an alert, which then goes ahead.
                         let now_i = std::time::Instant::now();
                         let gap = gaps.entry(r.device_id.clone()).or_insert(Gap {
                             expected: next,
@@ -596,16 +601,26 @@ impl Store {
                             gap.since = now_i;
                         }
                         gap.last = now_i;
-                        if now_i - gap.since < gap_wait {
+                        let alert = r.priority == Priority::Alert;
+                        let wait = if alert {
+                            gap_wait.min(ALERT_GAP_WAIT)
+                        } else {
+                            gap_wait
+                        };
+                        if now_i - gap.since < wait {
                             outcomes[i] = Insert::Gap { missing: next };
                             continue;
                         }
-                        tracing::warn!(
-                            %port,
-                            missing = r.seq - next,
-                            "A device skipped sequence numbers; its later readings are taken."
-                        );
-                        Take::Skipping
+                        if alert {
+                            Take::Ahead
+                        } else {
+                            tracing::warn!(
+                                %port,
+                                missing = r.seq - next,
+                                "A device skipped sequence numbers; its later readings are taken."
+                            );
+                            Take::Skipping
+                        }
                     };
                     let is_new = take != Take::Existing;
                     let inserted = if is_new {
@@ -1254,12 +1269,19 @@ mod tests {
     }
 
     #[test]
-    fn an_alert_is_never_held_behind_a_gap() {
+    fn an_alert_waits_only_a_moment_behind_a_gap() {
         let (_dir, mut store) = open();
         let now = Utc::now();
         let r = |seq| reading(seq, Priority::Routine);
         store.commit_serial("p", &[r(1)], &[], now).unwrap();
         let alert = reading(5, Priority::Alert);
+        assert_eq!(
+            store
+                .commit_serial("p", std::slice::from_ref(&alert), &[], now)
+                .unwrap(),
+            [Insert::Gap { missing: 2 }]
+        );
+        std::thread::sleep(ALERT_GAP_WAIT + std::time::Duration::from_millis(20));
         assert_eq!(
             store.commit_serial("p", &[alert, r(3)], &[], now).unwrap(),
             [Insert::Stored, Insert::Gap { missing: 2 }]

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod failpoint;
 pub mod gateway;
 pub mod mqtt;
 pub mod outbox;

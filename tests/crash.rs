@@ -103,3 +103,82 @@ fn kill9_publishes_the_will_and_a_restart_loses_nothing() {
     });
     assert_eq!(rows.len(), 400);
 }
+
+/// A crash at each window of the exactly-once protocol, aimed with a
+/// failpoint (`src/failpoint.rs`: the process aborts as kill -9 would),
+/// then a restart: every reading arrives exactly once, in order.
+#[test]
+fn a_crash_in_every_window_of_the_protocol_loses_and_repeats_nothing() {
+    use crate::support::Receiver;
+    for point in hearth::failpoint::POINTS {
+        let id = format!("gw-fp-{}", point.replace('-', ""));
+        let rig = Rig::new(&id);
+        let mut gw = GatewayOpts::new(&id);
+        gw.batch = 4;
+        let topics = [
+            format!("hearth/v1/{id}/readings"),
+            format!("hearth/v1/{id}/alerts"),
+        ];
+        let receiver = Receiver::start(
+            "127.0.0.1",
+            rig.broker.port,
+            &rig.certs,
+            &format!("hospital-{id}"),
+            &[&topics[0], &topics[1]],
+        );
+        let sim = Sim::start(&[
+            "--count",
+            "60",
+            "--interval-ms",
+            "5",
+            "--ack-timeout-ms",
+            "300",
+        ]);
+        let config = rig.config(&gw, &sim.pty);
+        // The third time, so that some exchanges completed before.
+        let spec = format!("{point}:3");
+        let mut hearth = Hearth::start_with_env(&config, &[("HEARTH_TEST_FAILPOINT", &spec)]);
+        let status = hearth.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "{point}: hearth should have aborted");
+        assert!(
+            hearth
+                .log_text()
+                .contains(&format!("failpoint `{point}` reached")),
+            "{point}"
+        );
+
+        hearth.restart();
+        let summary = sim.finish(Duration::from_secs(60));
+        assert_eq!(summary["acked"], 60, "{point}: {summary}");
+        assert!(
+            receiver.wait_until(Duration::from_secs(30), |all| {
+                let ids: std::collections::HashSet<String> = all
+                    .iter()
+                    .flat_map(|d| crate::harness::ids(&serde_json::from_slice(&d.payload).unwrap()))
+                    .collect();
+                ids.len() == 60
+            }),
+            "{point}: not every reading arrived"
+        );
+        assert!(hearth.stop().success());
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut last = 0;
+        for d in receiver.deliveries() {
+            if d.topic.ends_with("/readings") {
+                for id in crate::harness::ids(&serde_json::from_slice(&d.payload).unwrap()) {
+                    let seq: u64 = id.rsplit('/').next().unwrap().parse().unwrap();
+                    assert!(seq > last, "{point}: seq {seq} after {last}");
+                    last = seq;
+                    *seen.entry(id).or_default() += 1;
+                }
+            } else {
+                for id in crate::harness::ids(&serde_json::from_slice(&d.payload).unwrap()) {
+                    *seen.entry(id).or_default() += 1;
+                }
+            }
+        }
+        assert_eq!(seen.len(), 60, "{point}");
+        let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(dups.is_empty(), "{point}: duplicates {dups:?}");
+    }
+}

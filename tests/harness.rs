@@ -107,18 +107,46 @@ pub struct Hearth {
     child: Option<Child>,
     pub log: PathBuf,
     config: PathBuf,
+    /// Extra environment for the next spawn only (e.g. a failpoint).
+    env: Vec<(String, String)>,
 }
 
 impl Hearth {
     pub fn start(config: &Path) -> Hearth {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts with extra environment variables, for this first run only.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Hearth {
         let log = config.with_extension("log");
         let mut h = Hearth {
             child: None,
             log,
             config: config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         h.spawn();
         h
+    }
+
+    /// Waits (bounded) for the process to end by itself, e.g. at a failpoint.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("hearth is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait hearth") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hearth did not exit within {timeout:?}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn spawn(&mut self) {
@@ -130,6 +158,7 @@ impl Hearth {
         let child = Command::new(hearth_bin())
             .args(["run", "--config"])
             .arg(&self.config)
+            .envs(std::mem::take(&mut self.env))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

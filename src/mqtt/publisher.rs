@@ -47,6 +47,7 @@ use super::connection::{Connection, ConnectionError};
 use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
 use crate::alarm::Alarms;
 use crate::config::Config;
+use crate::failpoint;
 use crate::outbox::{Connack, StoreError, StoreHandle};
 use crate::serial::frame::Priority;
 
@@ -472,10 +473,12 @@ impl Publisher {
                 return Ok(());
             };
             tracing::debug!(pkid, readings = n, %topic, "Publishing.");
+            failpoint::hit("publish-recorded");
             self.slots.insert(pkid, Slot::Readings { released: false });
             let mut p = Publish::new(topic, QoS::ExactlyOnce, body);
             p.pkid = pkid;
             conn.send(&[Packet::Publish(p)]).await?;
+            failpoint::hit("publish-sent");
         }
         Ok(())
     }
@@ -516,11 +519,14 @@ impl Publisher {
                         return Ok(());
                     }
                 }
+                failpoint::hit("release-recorded");
                 conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
+                failpoint::hit("pubrel-sent");
             }
             Packet::PubComp(comp) => {
                 let pkid = comp.pkid;
                 if let Some(Slot::Readings { released: true }) = self.slots.get(&pkid) {
+                    failpoint::hit("pubcomp-received");
                     let n = self
                         .store
                         .call(move |s| s.complete_exchange(pkid, Utc::now()))

@@ -174,6 +174,7 @@ impl SerialReader {
                 continue;
             }
             let replies = self.commit(readings, rejected).await;
+            crate::failpoint::hit("stored-not-acked");
             // A device that stops reading must not freeze the reader.
             let write = async {
                 port.write_all(&replies).await?;

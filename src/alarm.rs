@@ -48,9 +48,8 @@ impl Alarms {
 
     /// Writes the active alarms to the store for `hearth status`.
     pub async fn record(&self, store: &crate::outbox::StoreHandle) {
-        let value = serde_json::to_string(&self.active()).unwrap_or_default();
-        if let Err(e) = store.call(move |s| s.set_state("alarms", &value)).await {
-            tracing::warn!(error = %e, "Cannot record alarms.");
-        }
+        store
+            .record("alarms", serde_json::json!(self.active()))
+            .await;
     }
 }

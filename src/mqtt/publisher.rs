@@ -300,15 +300,8 @@ impl Publisher {
             "state": state,
             "since": Utc::now().timestamp_millis(),
             "detail": detail,
-        })
-        .to_string();
-        if let Err(e) = self
-            .store
-            .call(move |s| s.set_state("broker", &value))
-            .await
-        {
-            tracing::warn!(error = %e, "Cannot record broker state.");
-        }
+        });
+        self.store.record("broker", value).await;
     }
 
     /// One connection's life; returns Ok only on shutdown.

@@ -26,14 +26,8 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
-    /// Opens the store on the calling thread (so errors surface at start),
-    /// then moves it to a thread of its own.
-    pub fn open(path: &Path) -> Result<StoreHandle, StoreError> {
-        let store = Store::open(path)?;
-        Ok(Self::spawn(store))
-    }
-
-    /// Opens the gateway's store: integrity check (a damaged database is
+    /// Opens the gateway's store on the calling thread (so errors surface
+    /// at start), then moves it to a thread of its own: integrity check (a damaged database is
     /// moved aside, see [`Store::open_checked`]) and size cap. Returns where
     /// a damaged database was moved, if one was.
     pub fn open_gateway(
@@ -72,6 +66,15 @@ impl StoreHandle {
         });
         self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a small fact for `hearth status` (link states, alarms). A
+    /// failure is logged, not returned: it must not stop the caller.
+    pub async fn record(&self, key: &'static str, value: serde_json::Value) {
+        let value = value.to_string();
+        if let Err(e) = self.call(move |s| s.set_state(key, &value)).await {
+            tracing::warn!(key, error = %e, "Cannot record state for `hearth status`.");
+        }
     }
 
     /// Wakes the publisher: new readings were queued.

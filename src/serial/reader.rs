@@ -124,15 +124,8 @@ impl SerialReader {
             "port": self.path.display().to_string(),
             "since": Utc::now().timestamp_millis(),
             "detail": detail,
-        })
-        .to_string();
-        if let Err(e) = self
-            .store
-            .call(move |s| s.set_state("serial", &value))
-            .await
-        {
-            tracing::warn!(error = %e, "Cannot record serial state.");
-        }
+        });
+        self.store.record("serial", value).await;
     }
 
     /// Serves one open port until it fails (Err) or shutdown (Ok).

@@ -56,6 +56,11 @@ pub struct SerialConfig {
     /// Line speed.
     #[serde(default = "defaults::baud_rate")]
     pub baud_rate: u32,
+    /// Seconds a device restart (a v1 device counting again) or a seq
+    /// conflict keeps its alarm (`device-restart`, `seq-conflict`) before it
+    /// clears by itself; `hearth devices reset` clears it at once.
+    #[serde(default = "defaults::device_alarm_secs")]
+    pub device_alarm_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,12 +117,15 @@ pub struct MqttConfig {
     pub reconnect_max_secs: u64,
 }
 
-mod defaults {
+pub(crate) mod defaults {
     pub fn log_level() -> String {
         "info".into()
     }
     pub fn baud_rate() -> u32 {
         115_200
+    }
+    pub fn device_alarm_secs() -> u64 {
+        3600
     }
     pub fn retention_days() -> u32 {
         30
@@ -214,6 +222,9 @@ impl Config {
         }
         if self.serial.baud_rate == 0 {
             return Err(self.invalid("serial.baud_rate", "must be above 0"));
+        }
+        if self.serial.device_alarm_secs == 0 {
+            return Err(self.invalid("serial.device_alarm_secs", "must be at least 1"));
         }
         let dir = match self.store.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),

@@ -67,7 +67,8 @@ impl Gateway {
             config.serial.baud_rate,
             store.clone(),
             alarms.clone(),
-        );
+        )
+        .with_device_alarm(Duration::from_secs(config.serial.device_alarm_secs));
         tracker.spawn(log_exit("serial reader", reader.run(shutdown.clone())));
         let publisher = Publisher::new(config.clone(), store.clone(), tls, alarms.clone());
         tracker.spawn(log_exit("publisher", publisher.run(shutdown.clone())));

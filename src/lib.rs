@@ -14,5 +14,6 @@ pub mod failpoint;
 pub mod gateway;
 pub mod mqtt;
 pub mod outbox;
+pub mod reading;
 pub mod serial;
 pub mod simulator;

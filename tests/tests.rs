@@ -7,6 +7,7 @@ mod crash;
 mod e2e;
 mod faults;
 mod harness;
+mod ingest;
 mod support;
 mod support_kit_selftest;
 mod support_selftest;

@@ -2,6 +2,7 @@
 //! returns `anyhow::Result`; `main` turns errors into a message and an exit
 //! code (2 for a bad config or bad arguments, 1 otherwise).
 
+mod devices;
 mod readings;
 
 use std::path::PathBuf;
@@ -41,6 +42,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ReadingsCommand,
     },
+    /// Show each bedside device's count, gaps and alarms, or reset one.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
     /// Show what the gateway holds and how its links are.
     Status {
         #[command(flatten)]
@@ -62,6 +68,17 @@ pub enum Command {
 pub enum ReadingsCommand {
     /// List readings, oldest first.
     List(readings::ListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// One line per device: epoch, run, highest seq, last heard, open gap,
+    /// late readings, restarts, conflicts and its alarm.
+    List(devices::ListArgs),
+    /// Start a device's count afresh (after a battery change or a swap): its
+    /// next reading begins a new run, its alarm clears. Recorded in the
+    /// store and the log.
+    Reset(devices::ResetArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +167,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             command: ReadingsCommand::List(args),
         } => readings::list(args),
         Command::Status { config, format } => readings::status(&config, format),
+        Command::Devices {
+            command: DevicesCommand::List(args),
+        } => devices::list(args),
+        Command::Devices {
+            command: DevicesCommand::Reset(args),
+        } => devices::reset(args),
         Command::Config {
             command: ConfigCommand::Check(c),
         } => {

@@ -55,7 +55,7 @@ pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, UsageEr
     Ok(now - chrono::Duration::seconds(secs))
 }
 
-fn open(config: &ConfigArg) -> anyhow::Result<(Config, Store)> {
+pub(super) fn open(config: &ConfigArg) -> anyhow::Result<(Config, Store)> {
     let text = std::fs::read_to_string(&config.config).map_err(|source| {
         crate::config::ConfigError::Read {
             path: config.config.clone(),
@@ -93,12 +93,12 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         Format::Csv => {
             writeln!(
                 out,
-                "id,device,seq,kind,value,unit,priority,detail,device_time,received_at,state,pkid,attempts,delivered_at"
+                "id,device,seq,kind,value,unit,priority,detail,device_time,received_at,state,pkid,attempts,delivered_at,epoch,run,variant,late,restart"
             )?;
             for r in &rows {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                     r.id,
                     r.device,
                     r.seq,
@@ -112,7 +112,12 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
                     r.state,
                     r.pkid.map(|p| p.to_string()).unwrap_or_default(),
                     r.attempts,
-                    r.delivered_at.as_ref().map(rfc3339).unwrap_or_default()
+                    r.delivered_at.as_ref().map(rfc3339).unwrap_or_default(),
+                    r.epoch,
+                    r.run,
+                    r.variant,
+                    r.late,
+                    r.restart
                 )?;
             }
         }
@@ -125,7 +130,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
 fn table(out: &mut impl Write, rows: &[ReadingRow]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:>7}  {:<12} {:>8}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9}",
+        "{:>7}  {:<12} {:>12}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9} NOTE",
         "ID",
         "DEVICE",
         "SEQ",
@@ -142,19 +147,28 @@ fn table(out: &mut impl Write, rows: &[ReadingRow]) -> std::io::Result<()> {
             Some(d) => format!("{} {}", r.kind, d),
             None => r.kind.clone(),
         };
+        let note: Vec<&str> = [
+            (r.late, "late"),
+            (r.restart, "restart"),
+            (r.variant > 0, "conflict"),
+        ]
+        .into_iter()
+        .filter_map(|(on, word)| on.then_some(word))
+        .collect();
         writeln!(
             out,
-            "{:>7}  {:<12} {:>8}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9}",
+            "{:>7}  {:<12} {:>12}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9} {}",
             r.id,
             r.device,
-            r.seq,
+            crate::mqtt::payload::reading_key(r.seq, r.epoch, r.run, r.variant),
             kind,
             r.value,
             r.unit,
             r.priority,
             rfc3339(&r.device_time),
             rfc3339(&r.received_at),
-            r.state
+            r.state,
+            note.join(",")
         )?;
     }
     writeln!(out, "{} reading(s)", rows.len())

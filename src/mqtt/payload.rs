@@ -1,7 +1,9 @@
 //! MQTT payloads, schema version 1 (specified in `docs/mqtt-payloads.md`).
 //!
-//! Every reading carries a stable id `{gateway}/{device}/{seq}` so that a
-//! receiver can deduplicate whatever happens on the way.
+//! Every reading carries a stable id `{gateway}/{device}/{key}` so that a
+//! receiver can deduplicate whatever happens on the way; `key` is the seq,
+//! with the epoch, run and variant added when they are not 0 (see
+//! [`reading_id`]).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,32 @@ pub struct ReadingOut {
     pub device_time: DateTime<Utc>,
     #[serde(serialize_with = "time_format::serialize")]
     pub received_at: DateTime<Utc>,
+    /// The device's boot epoch (protocol v1.1); omitted when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
+    /// A run the gateway began when a v1 device counted again; omitted when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub run: u32,
+    /// This reading began such a run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub restart: bool,
+    /// A higher seq of the same device run went out on this topic before it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub late: bool,
+    /// Another reading was stored before under the same device, epoch, run
+    /// and seq; this one is variant `variant` of it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub conflict: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub variant: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// The body of a `readings` or `alerts` message.
@@ -50,8 +78,26 @@ pub struct Batch {
     pub readings: Vec<ReadingOut>,
 }
 
-pub fn reading_id(gateway: &str, device: &str, seq: u32) -> String {
-    format!("{gateway}/{device}/{seq}")
+/// `{gateway}/{device}/{seq}`, and `-e{epoch}`, `-r{run}`, `-c{variant}`
+/// after the seq for each that is not 0: `gw-0001/ICD-0042/42-e3-c1`. A v1
+/// device that never restarts keeps the ids of schema 1 exactly.
+pub fn reading_id(gateway: &str, r: &Queued) -> String {
+    format!(
+        "{gateway}/{}/{}",
+        r.device,
+        reading_key(r.seq, r.epoch, r.run, r.variant)
+    )
+}
+
+/// The last part of a reading id: `42`, `42-e3`, `42-r1`, `42-e3-c1`, ...
+pub fn reading_key(seq: u32, epoch: u32, run: u32, variant: u32) -> String {
+    let mut key = seq.to_string();
+    for (tag, n) in [("e", epoch), ("r", run), ("c", variant)] {
+        if n != 0 {
+            key.push_str(&format!("-{tag}{n}"));
+        }
+    }
+    key
 }
 
 pub fn batch(gateway: &str, readings: &[Queued]) -> Vec<u8> {
@@ -61,7 +107,7 @@ pub fn batch(gateway: &str, readings: &[Queued]) -> Vec<u8> {
         readings: readings
             .iter()
             .map(|r| ReadingOut {
-                id: reading_id(gateway, &r.device, r.seq),
+                id: reading_id(gateway, r),
                 device: r.device.clone(),
                 seq: r.seq,
                 kind: r.kind.clone(),
@@ -71,6 +117,12 @@ pub fn batch(gateway: &str, readings: &[Queued]) -> Vec<u8> {
                 detail: r.detail.clone(),
                 device_time: r.device_time,
                 received_at: r.received_at,
+                epoch: r.epoch,
+                run: r.run,
+                restart: r.restart,
+                late: r.late,
+                conflict: r.variant > 0,
+                variant: r.variant,
             })
             .collect(),
     };
@@ -139,7 +191,7 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serial::frame::Priority;
+    use crate::reading::Priority;
 
     #[test]
     fn batch_carries_stable_ids() {
@@ -155,6 +207,11 @@ mod tests {
             detail: None,
             device_time: t,
             received_at: t,
+            epoch: 0,
+            run: 0,
+            variant: 0,
+            late: false,
+            restart: false,
         };
         let json: serde_json::Value = serde_json::from_slice(&batch("gw-1", &[q])).unwrap();
         assert_eq!(json["schema"], 1);
@@ -164,6 +221,56 @@ mod tests {
             "2025-11-25T17:26:01.123Z"
         );
         assert!(json["readings"][0].get("detail").is_none());
+        assert!(json["readings"][0].get("epoch").is_none());
+        assert!(json["readings"][0].get("late").is_none());
+    }
+
+    #[test]
+    fn restarted_late_and_conflicting_readings_get_their_own_ids() {
+        let t = DateTime::from_timestamp_millis(1_764_091_561_123).unwrap();
+        let q = |epoch, run, variant, late, restart| Queued {
+            id: 1,
+            device: "PM-1".into(),
+            seq: 5,
+            kind: "heart_rate".into(),
+            value: 72.0,
+            unit: "bpm".into(),
+            priority: Priority::Routine,
+            detail: None,
+            device_time: t,
+            received_at: t,
+            epoch,
+            run,
+            variant,
+            late,
+            restart,
+        };
+        let all = [
+            q(0, 0, 0, false, false),
+            q(0, 1, 0, false, true),
+            q(3, 0, 0, true, false),
+            q(3, 0, 1, false, false),
+            q(2, 4, 7, false, false),
+        ];
+        let json: serde_json::Value = serde_json::from_slice(&batch("gw", &all)).unwrap();
+        let r = &json["readings"];
+        let ids: Vec<&str> = (0..5).map(|i| r[i]["id"].as_str().unwrap()).collect();
+        assert_eq!(
+            ids,
+            [
+                "gw/PM-1/5",
+                "gw/PM-1/5-r1",
+                "gw/PM-1/5-e3",
+                "gw/PM-1/5-e3-c1",
+                "gw/PM-1/5-e2-r4-c7"
+            ]
+        );
+        assert_eq!(r[1]["restart"], true);
+        assert_eq!(r[1]["run"], 1);
+        assert_eq!(r[2]["late"], true);
+        assert_eq!(r[2]["epoch"], 3);
+        assert_eq!(r[3]["conflict"], true);
+        assert_eq!(r[3]["variant"], 1);
     }
 
     /// A resumed exchange rebuilds its payload from the stored readings: the
@@ -182,6 +289,11 @@ mod tests {
             detail: Some("AF".into()),
             device_time: t,
             received_at: t,
+            epoch: 0,
+            run: 0,
+            variant: 0,
+            late: false,
+            restart: false,
         };
         assert_eq!(
             String::from_utf8(batch("gw-0001", &[q])).unwrap(),

@@ -4,7 +4,13 @@
 //! guarantees. [`StoreHandle`] gives async tasks access to it: the one
 //! writable connection lives on its own thread, so a slow fsync never blocks
 //! the runtime, and every call runs to COMMIT before its future resolves.
+//! Reports (the heartbeat's counts) run on a second, read-only connection
+//! on a thread of its own ([`StoreHandle::read`]), so however large the
+//! store grows they never delay a serial ACK.
+//!
+//! [`ingest`] holds the rules by which a reading from the line is stored.
 
+pub mod ingest;
 pub mod store;
 
 use std::path::Path;
@@ -12,16 +18,21 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+pub use ingest::{Flag, Insert};
 pub use store::{
-    Connack, Counts, Exchange, Insert, ListFilter, Queued, ReadingRow, Store, StoreError,
+    Connack, Counts, DeviceRow, Exchange, ListFilter, Queued, ReadingRow, RejectedFrame, Store,
+    StoreError,
 };
 
 type Job = Box<dyn FnOnce(&mut Store) + Send>;
 
-/// A cloneable handle to the store thread.
+/// A cloneable handle to the store thread (and the report thread).
 #[derive(Clone)]
 pub struct StoreHandle {
     jobs: mpsc::Sender<Job>,
+    /// The read-only connection's thread; `None` for a store without a file
+    /// to open twice, where reports run on the store thread.
+    reports: Option<mpsc::Sender<Job>>,
     queued: Arc<Notify>,
 }
 
@@ -36,23 +47,33 @@ impl StoreHandle {
     ) -> Result<(StoreHandle, Option<std::path::PathBuf>), StoreError> {
         let (mut store, moved) = Store::open_checked(path)?;
         store.set_size_cap(max_bytes)?;
-        Ok((Self::spawn(store), moved))
+        let reader = Store::open_read_only(path)?;
+        let mut handle = Self::spawn(store);
+        handle.reports = Some(job_thread("hearth-reports", reader));
+        Ok((handle, moved))
     }
 
-    pub fn spawn(mut store: Store) -> StoreHandle {
-        let (jobs, mut rx) = mpsc::channel::<Job>(64);
-        std::thread::Builder::new()
-            .name("hearth-store".into())
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut store);
-                }
-            })
-            .expect("spawning the store thread");
+    pub fn spawn(store: Store) -> StoreHandle {
         StoreHandle {
-            jobs,
+            jobs: job_thread("hearth-store", store),
+            reports: None,
             queued: Arc::new(Notify::new()),
         }
+    }
+
+    /// Runs the read-only `f` on the report connection: it sees the last
+    /// committed state and never waits for, or delays, the store thread.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let jobs = self.reports.as_ref().unwrap_or(&self.jobs);
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |store| {
+            let _ = tx.send(f(store));
+        });
+        jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on the store thread and returns its result.
@@ -86,4 +107,18 @@ impl StoreHandle {
     pub async fn queued(&self) {
         self.queued.notified().await
     }
+}
+
+/// Starts a thread that runs jobs against `store` one by one.
+fn job_thread(name: &str, mut store: Store) -> mpsc::Sender<Job> {
+    let (jobs, mut rx) = mpsc::channel::<Job>(64);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Some(job) = rx.blocking_recv() {
+                job(&mut store);
+            }
+        })
+        .expect("spawning a store thread");
+    jobs
 }

@@ -5,8 +5,9 @@
 //! - The database runs in WAL mode with `synchronous=FULL`: a transaction
 //!   that returned is on disk and survives a process crash or power loss.
 //! - A reading is committed before the device gets its ACK
-//!   ([`Store::commit_serial`] returns only after COMMIT). It is unique on
-//!   (device, seq): a resent frame is reported `Duplicate` and ACKed again.
+//!   ([`Store::commit_serial`] returns only after COMMIT). Where it goes,
+//!   and why no well-formed reading is refused, is [`super::ingest`]'s to
+//!   say; a resent frame is reported `Duplicate` and ACKed again.
 //! - An exchange row (packet id, topic, stage `publish`; its readings point
 //!   to it, and its payload is rebuilt from them byte for byte) is committed
 //!   before its PUBLISH is written ([`Store::begin_exchange`]); it moves to
@@ -16,6 +17,8 @@
 //!   reused while the broker may still hold it.
 //! - Rejected frames are kept with their raw bytes: nothing a device sent
 //!   disappears silently.
+//! - A reading deleted after delivery leaves its key and content hash in
+//!   `pruned`, so that its resend is still ACKed and not stored again.
 
 use std::path::{Path, PathBuf};
 
@@ -23,28 +26,25 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::serial::frame::{Priority, Reading, Rejected};
+use super::ingest::{self, Insert};
+use crate::reading::{Kind, Priority, Reading};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "01-initial",
-    include_str!("../../migrations/01-initial/up.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "01-initial",
+        include_str!("../../migrations/01-initial/up.sql"),
+    ),
+    (
+        "02-device-runs",
+        include_str!("../../migrations/02-device-runs/up.sql"),
+    ),
+];
 
-const INSERT_READING: &str = "INSERT INTO readings
-    (device, seq, kind, value, unit, priority, detail, device_time, received_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-    ON CONFLICT (device, seq) DO NOTHING";
-const SAME_READING: &str = "SELECT kind = ?3 AND value = ?4 AND priority = ?5
-    AND detail IS ?6 AND device_time = ?7 FROM readings WHERE device = ?1 AND seq = ?2";
-const GET_FRONTIER: &str = "SELECT frontier FROM devices WHERE device = ?1";
-const SET_FRONTIER: &str = "INSERT INTO devices (device, frontier) VALUES (?1, ?2)
-    ON CONFLICT (device) DO UPDATE SET frontier = excluded.frontier";
-const HAS_SEQ: &str = "SELECT 1 FROM readings WHERE device = ?1 AND seq = ?2";
 const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
     (received_at, port, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)";
 const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
-    device_time, received_at FROM readings
+    device_time, received_at, epoch, run, variant, late, restart FROM readings
     WHERE state = 'queued' AND priority = ?1 ORDER BY id LIMIT ?2";
 const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
@@ -53,9 +53,14 @@ const LOSES_SESSIONS: &str = "broker_loses_sessions";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
 const CONNECT_PENDING: &str = "connect_pending";
 const EXCHANGE_READINGS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
-    device_time, received_at FROM readings WHERE exchange_id = ?1 ORDER BY id";
+    device_time, received_at, epoch, run, variant, late, restart FROM readings
+    WHERE exchange_id = ?1 ORDER BY id";
 const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
-    device_time, received_at, state, pkid, attempts, delivered_at FROM readings";
+    device_time, received_at, state, pkid, attempts, delivered_at, epoch, run, variant, late,
+    restart FROM readings";
+/// What is left of a pruned reading.
+const TOMBSTONE: &str = "INSERT OR IGNORE INTO pruned
+    (device, epoch, seq, run, variant, hash, pruned_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,22 +96,15 @@ pub enum StoreError {
     Closed,
 }
 
-/// What happened to one reading handed to [`Store::commit_serial`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Insert {
-    /// Newly stored.
-    Stored,
-    /// Already stored with the same content: a resend; ACK it again.
-    Duplicate,
-    /// Not stored: it follows a gap in the device's sequence. The device is
-    /// asked for `missing` first (NAK `missing`) and to resend this one (NAK
-    /// `gap`), so readings are stored, and leave, in seq order. A gap that
-    /// stays open for [`GAP_WAIT`] is accepted (the device skipped numbers).
-    Gap { missing: u32 },
-    /// Already stored with other content under the same (device, seq). The
-    /// frame is kept in `rejected_frames` and NAKed (`conflict`): the stored
-    /// one stands and the device must be looked at.
-    Conflict,
+/// A frame the serial decoder refused, as `rejected_frames` keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedFrame {
+    /// The reject code (`garbage`, `checksum`, `invalid`, ...).
+    pub code: &'static str,
+    /// The cause in words; never patient data.
+    pub detail: String,
+    /// The bytes as received; patient data.
+    pub raw: Vec<u8>,
 }
 
 /// A queued reading as the publisher needs it.
@@ -122,6 +120,12 @@ pub struct Queued {
     pub detail: Option<String>,
     pub device_time: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
+    /// Identity beyond (device, seq): see [`super::ingest`].
+    pub epoch: u32,
+    pub run: u32,
+    pub variant: u32,
+    pub late: bool,
+    pub restart: bool,
 }
 
 /// What a CONNACK said, for [`Store::settle_connack`].
@@ -165,6 +169,32 @@ pub struct ReadingRow {
     pub pkid: Option<u16>,
     pub attempts: u32,
     pub delivered_at: Option<DateTime<Utc>>,
+    pub epoch: u32,
+    pub run: u32,
+    pub variant: u32,
+    pub late: bool,
+    pub restart: bool,
+}
+
+/// One device (its newest epoch) for `hearth devices`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    pub device: String,
+    pub epoch: u32,
+    pub run: u32,
+    /// Highest seq stored in the current run.
+    pub high: Option<u32>,
+    pub last_heard: Option<DateTime<Utc>>,
+    /// The seq a routine reading is being held for, and since when.
+    pub gap_missing: Option<u32>,
+    pub gap_since: Option<DateTime<Utc>>,
+    pub stored: u64,
+    pub late: u64,
+    pub restarts: u64,
+    pub conflicts: u64,
+    /// `device-restart` or `seq-conflict` while its alarm holds.
+    pub alarm: Option<String>,
+    pub alarm_until: Option<DateTime<Utc>>,
 }
 
 /// Filters of `hearth readings list`.
@@ -196,43 +226,14 @@ pub struct Store {
     /// Above this many used pages, new readings are refused (BUSY) so that
     /// the publisher keeps room to drain; `None` means no cap.
     intake_limit: Option<u64>,
-    /// Devices whose next reading in seq order has not come yet.
-    gaps: std::collections::HashMap<String, Gap>,
+    /// See [`ingest::GAP_WAIT`].
     gap_wait: std::time::Duration,
+    /// How long a device restart or seq conflict keeps its alarm.
+    alarm_for: std::time::Duration,
 }
 
-/// How long readings after a gap wait for the missing one before the gap
-/// is taken as the device's own (it skipped numbers).
-pub const GAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Where a reading stands against its device's frontier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Take {
-    /// At or below the frontier: stored already, or a reused seq.
-    Existing,
-    /// The next one.
-    InOrder,
-    /// An alert past a gap that did not close at once: taken ahead of it.
-    Ahead,
-    /// Past a gap that stayed open: the device skipped numbers.
-    Skipping,
-}
-
-/// How long an alert waits for a missing reading before it goes ahead of
-/// it: the device resends a reading NAKed `missing` at once, so a gap left by
-/// a line fault or a crash closes within a round trip or two.
-pub const ALERT_GAP_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// An open gap in one device's sequence.
-#[derive(Debug)]
-struct Gap {
-    expected: u32,
-    /// When this gap was first seen...
-    since: std::time::Instant,
-    /// ...and last seen: a gap not seen for [`GAP_WAIT`] starts afresh, so
-    /// a pause (store full, port unplugged) does not count as waiting.
-    last: std::time::Instant,
-}
+/// How long a device restart or a seq conflict keeps its alarm by default.
+pub const DEVICE_ALARM: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Share of the size cap that readings may fill; the rest is headroom for
 /// exchange rows and state updates, so the outbox can always drain.
@@ -273,6 +274,11 @@ fn list_query(filter: &ListFilter) -> (String, Vec<rusqlite::types::Value>) {
 fn queued_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
     let priority: String = row.get(6)?;
     Ok(Queued {
+        epoch: row.get(10)?,
+        run: row.get(11)?,
+        variant: row.get(12)?,
+        late: row.get(13)?,
+        restart: row.get(14)?,
         id: row.get(0)?,
         device: row.get(1)?,
         seq: row.get(2)?,
@@ -335,8 +341,8 @@ impl Store {
             conn,
             path: path.to_owned(),
             intake_limit: None,
-            gaps: Default::default(),
-            gap_wait: GAP_WAIT,
+            gap_wait: ingest::GAP_WAIT,
+            alarm_for: DEVICE_ALARM,
         };
         store.configure().map_err(|e| store.err(e))?;
         store.migrate()?;
@@ -419,11 +425,9 @@ impl Store {
         // the last moments (its device might still resend it), never alerts.
         let before = to_ms(Utc::now()) - PRESSURE_PRUNE_MIN_AGE_MS;
         let pruned = self
-            .conn
-            .execute(
-                "DELETE FROM readings WHERE id IN (SELECT id FROM readings
-                 WHERE state = 'delivered' AND priority = 'routine' AND delivered_at < ?1
-                 ORDER BY id LIMIT ?2)",
+            .prune(
+                "(SELECT id FROM readings WHERE state = 'delivered' AND priority = 'routine'
+                 AND delivered_at < ?1 ORDER BY id LIMIT ?2)",
                 params![before, PRESSURE_PRUNE_ROWS],
             )
             .map_err(|e| self.err(e))?;
@@ -435,11 +439,27 @@ impl Store {
                 params![PRESSURE_PRUNE_ROWS],
             )
             .map_err(|e| self.err(e))?;
-        if pruned + deleted_rejected > 0 {
+        // Last, what is left of pruned readings, oldest first: without it a
+        // very late resend is stored again under the same id, which the
+        // receiver drops as a duplicate. Never a loss.
+        let mut forgotten = 0;
+        if self.used_pages().map_err(|e| self.err(e))? >= limit {
+            forgotten = self
+                .conn
+                .execute(
+                    "DELETE FROM pruned WHERE (device, epoch, seq, run, variant) IN
+                     (SELECT device, epoch, seq, run, variant FROM pruned
+                      ORDER BY pruned_at LIMIT ?1)",
+                    params![PRESSURE_PRUNE_ROWS],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        if pruned + deleted_rejected + forgotten > 0 {
             tracing::info!(
                 pruned,
                 deleted_rejected,
-                "Store near its size cap: oldest delivered readings and rejected frames deleted before their retention ended."
+                forgotten,
+                "Store near its size cap: oldest delivered readings, rejected frames and tombstones of pruned readings deleted before their retention ended."
             );
         }
         Ok(self.used_pages().map_err(|e| self.err(e))? < limit)
@@ -469,14 +489,19 @@ impl Store {
             conn,
             path: path.to_owned(),
             intake_limit,
-            gaps: Default::default(),
-            gap_wait: GAP_WAIT,
+            gap_wait: ingest::GAP_WAIT,
+            alarm_for: DEVICE_ALARM,
         })
     }
 
-    /// Overrides [`GAP_WAIT`] (tests).
+    /// Overrides [`ingest::GAP_WAIT`] (tests).
     pub fn set_gap_wait(&mut self, wait: std::time::Duration) {
         self.gap_wait = wait;
+    }
+
+    /// How long a device restart or seq conflict keeps its alarm.
+    pub fn set_device_alarm(&mut self, period: std::time::Duration) {
+        self.alarm_for = period;
     }
 
     pub fn path(&self) -> &Path {
@@ -535,180 +560,128 @@ impl Store {
                 })?;
             tracing::info!(migration = name, "Database migrated.");
         }
+        self.backfill_hashes()
+    }
+
+    /// Readings stored before schema 2 have no content hash: compute it from
+    /// their columns, so that their resends are still recognised.
+    fn backfill_hashes(&mut self) -> Result<(), StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let rows: Vec<(i64, Reading)> = tx
+                .prepare(
+                    "SELECT id, device, seq, kind, value, priority, detail, device_time
+                     FROM readings WHERE hash IS NULL",
+                )?
+                .query_map([], |row| {
+                    let kind: String = row.get(3)?;
+                    let priority: String = row.get(5)?;
+                    Ok((
+                        row.get(0)?,
+                        Reading {
+                            device_id: row.get(1)?,
+                            epoch: None,
+                            seq: row.get(2)?,
+                            kind: Kind::parse(&kind).unwrap_or(Kind::HeartRate),
+                            value: row.get(4)?,
+                            priority: Priority::parse(&priority).unwrap_or(Priority::Routine),
+                            detail: row.get(6)?,
+                            device_time: from_ms(row.get(7)?),
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut set = tx.prepare("UPDATE readings SET hash = ?1 WHERE id = ?2")?;
+            for (id, r) in &rows {
+                set.execute(params![r.content_hash(), id])?;
+            }
+            drop(set);
+            tx.commit()?;
+            Ok(rows.len())
+        };
+        let n = run(&mut self.conn).map_err(|e| self.err(e))?;
+        if n > 0 {
+            tracing::info!(
+                readings = n,
+                "Content hashes computed for readings stored before schema 2."
+            );
+        }
         Ok(())
     }
 
     /// Commits a batch read from the serial port in one transaction: the
-    /// readings and the rejected frames. Returns one outcome per reading.
+    /// readings (by the rules of [`super::ingest`]) and the rejected frames.
+    /// Returns one outcome per reading, in input order. Resends are answered
+    /// even when the store is full; the others then get [`Insert::Busy`] and
+    /// the rejected frames are not kept.
     pub fn commit_serial(
         &mut self,
         port: &str,
         readings: &[Reading],
-        rejected: &[Rejected],
+        rejected: &[RejectedFrame],
         now: DateTime<Utc>,
     ) -> Result<Vec<Insert>, StoreError> {
-        let anything = !readings.is_empty() || !rejected.is_empty();
-        if anything && !self.make_room()? {
-            return Err(StoreError::Full {
-                path: self.path.clone(),
-            });
-        }
         // Each device's readings are taken in seq order, whatever order
         // they came in within this batch; outcomes keep the input order.
         let mut order: Vec<usize> = (0..readings.len()).collect();
         order.sort_by(|&a, &b| {
             let (ra, rb) = (&readings[a], &readings[b]);
-            (&ra.device_id, ra.seq).cmp(&(&rb.device_id, rb.seq))
+            (&ra.device_id, ra.epoch_or_zero(), ra.seq).cmp(&(
+                &rb.device_id,
+                rb.epoch_or_zero(),
+                rb.seq,
+            ))
         });
-        let gaps = &mut self.gaps;
-        let gap_wait = self.gap_wait;
+        let resends = readings
+            .iter()
+            .map(|r| ingest::is_resend(&self.conn, r))
+            .collect::<rusqlite::Result<Vec<bool>>>()
+            .map_err(|e| self.err(e))?;
+        let fresh = resends.iter().any(|resend| !resend) || !rejected.is_empty();
+        let room = !fresh || self.make_room()?;
+        let (gap_wait, alarm_for) = (self.gap_wait, self.alarm_for);
         let result = (|| {
             let tx = self.conn.transaction()?;
-            let mut outcomes = vec![Insert::Stored; readings.len()];
-            {
-                let mut insert = tx.prepare_cached(INSERT_READING)?;
-                let mut same = tx.prepare_cached(SAME_READING)?;
+            let mut outcomes = vec![Insert::Busy; readings.len()];
+            for &i in &order {
+                let r = &readings[i];
+                // Checked again: the same frame may come twice in one batch.
+                outcomes[i] = if resends[i] || ingest::is_resend(&tx, r)? {
+                    Insert::Duplicate
+                } else if room {
+                    ingest::take(&tx, r, now, gap_wait, alarm_for, port)?
+                } else {
+                    Insert::Busy
+                };
+            }
+            if room {
                 let mut reject = tx.prepare_cached(INSERT_REJECTED)?;
-                let mut get_frontier = tx.prepare_cached(GET_FRONTIER)?;
-                let mut set_frontier = tx.prepare_cached(SET_FRONTIER)?;
-                let mut has_seq = tx.prepare_cached(HAS_SEQ)?;
-                for i in order {
-                    let r = &readings[i];
-                    // A device never seen before is expected to start at 1;
-                    // one that starts higher waits out one gap.
-                    let frontier: u32 = get_frontier
-                        .query_row(params![r.device_id], |row| row.get(0))
-                        .optional()?
-                        .unwrap_or(0);
-                    let next = frontier.saturating_add(1);
-                    let take = if r.seq < next {
-                        Take::Existing
-                    } else if r.seq == next {
-                        Take::InOrder
-                    } else {
-                        // A gap: hold this reading until the missing one
-                        // came (the device is asked for it at once), unless
-                        // the gap stays open: 2 s for routine readings, a
-                        // moment for an alert, which then goes ahead.
-                        let now_i = std::time::Instant::now();
-                        let gap = gaps.entry(r.device_id.clone()).or_insert(Gap {
-                            expected: next,
-                            since: now_i,
-                            last: now_i,
-                        });
-                        if gap.expected != next || now_i - gap.last > gap_wait {
-                            gap.expected = next;
-                            gap.since = now_i;
-                        }
-                        gap.last = now_i;
-                        let alert = r.priority == Priority::Alert;
-                        let wait = if alert {
-                            gap_wait.min(ALERT_GAP_WAIT)
-                        } else {
-                            gap_wait
-                        };
-                        if now_i - gap.since < wait {
-                            outcomes[i] = Insert::Gap { missing: next };
-                            continue;
-                        }
-                        if alert {
-                            Take::Ahead
-                        } else {
-                            tracing::warn!(
-                                %port,
-                                missing = r.seq - next,
-                                "A device skipped sequence numbers; its later readings are taken."
-                            );
-                            Take::Skipping
-                        }
-                    };
-                    let is_new = take != Take::Existing;
-                    let inserted = if is_new {
-                        insert.execute(params![
-                            r.device_id,
-                            r.seq,
-                            r.kind.as_str(),
-                            r.value,
-                            r.kind.unit(),
-                            r.priority.as_str(),
-                            r.detail,
-                            to_ms(r.device_time),
-                            to_ms(now),
-                        ])? == 1
-                    } else {
-                        false
-                    };
-                    outcomes[i] = if inserted {
-                        Insert::Stored
-                    } else {
-                        let same: Option<bool> = same
-                            .query_row(
-                                params![
-                                    r.device_id,
-                                    r.seq,
-                                    r.kind.as_str(),
-                                    r.value,
-                                    r.priority.as_str(),
-                                    r.detail,
-                                    to_ms(r.device_time)
-                                ],
-                                |row| row.get(0),
-                            )
-                            .optional()?;
-                        if same == Some(true) {
-                            Insert::Duplicate
-                        } else {
-                            // Other content under a stored seq, or a seq at
-                            // or below the frontier that is not stored (its
-                            // reading was deleted, or the device restarted
-                            // its count): never stored under a used id.
-                            let detail = if same.is_some() {
-                                "seq already stored with other content"
-                            } else {
-                                "seq already used (its reading was deleted): the device reuses sequence numbers"
-                            };
-                            let frame = crate::serial::frame::Frame::Reading(r.clone());
-                            reject.execute(params![
-                                to_ms(now),
-                                port,
-                                "conflict",
-                                detail,
-                                frame.encode()
-                            ])?;
-                            Insert::Conflict
-                        }
-                    };
-                    if !inserted {
-                        continue;
-                    }
-                    // Advance the frontier over this reading and any stored
-                    // after it (alerts are never held, so may be ahead).
-                    let mut f = match take {
-                        Take::InOrder | Take::Skipping => r.seq,
-                        Take::Ahead | Take::Existing => frontier,
-                    };
-                    while f < u32::MAX && has_seq.exists(params![r.device_id, f + 1])? {
-                        f += 1;
-                    }
-                    if f != frontier {
-                        set_frontier.execute(params![r.device_id, f])?;
-                        gaps.remove(&r.device_id);
-                    }
-                }
                 for rej in rejected {
-                    reject.execute(params![
-                        to_ms(now),
-                        port,
-                        rej.reason.code(),
-                        rej.reason.to_string(),
-                        rej.raw
-                    ])?;
+                    reject.execute(params![to_ms(now), port, rej.code, rej.detail, rej.raw])?;
                 }
             }
             tx.commit()?;
             Ok(outcomes)
         })();
-        result.map_err(|e| self.err(e))
+        match result.map_err(|e| self.err(e)) {
+            // A disk that filled before the cap: resends are still ACKed.
+            Err(StoreError::Full { .. }) if fresh => Ok(resends
+                .iter()
+                .map(|&resend| {
+                    if resend {
+                        Insert::Duplicate
+                    } else {
+                        Insert::Busy
+                    }
+                })
+                .collect()),
+            other => other,
+        }
+    }
+
+    /// The alarms device states hold now (`device-restart`, `seq-conflict`).
+    pub fn device_alarms(&self, now: DateTime<Utc>) -> Result<Vec<&'static str>, StoreError> {
+        ingest::active_alarms(&self.conn, now).map_err(|e| self.err(e))
     }
 
     /// The oldest queued readings of one priority, at most `limit`.
@@ -872,13 +845,13 @@ impl Store {
     ///   receiver deduplicates by reading id). An unexpected `Absent` also
     ///   records that this broker loses sessions.
     /// - [`Connack::Present`] after an earlier CONNECT whose CONNACK was never
-    ///   seen, with a broker known to lose sessions: that CONNECT may have met
-    ///   a broker without our session and made an empty one, which answers
-    ///   any PUBREL with PUBCOMP. Exchanges past PUBREC therefore keep their
-    ///   ids (to be released, so no id is reused while the broker may hold
-    ///   it) but their readings are queued again: a possible duplicate,
-    ///   never a loss. With a broker that keeps sessions the session is ours
-    ///   and nothing changes.
+    ///   seen: that CONNECT may have met a broker without our session and
+    ///   made an empty one, which answers any PUBREL with PUBCOMP; MQTT 3.1.1
+    ///   cannot tell that from our own session, and a broker that lost a
+    ///   session once may do it the first time. Exchanges past PUBREC
+    ///   therefore keep their ids (to be released, so no id is reused while
+    ///   the broker may hold it) but their readings are queued again: a
+    ///   possible duplicate (same reading id), never a loss.
     pub fn settle_connack(
         &mut self,
         connack: Connack,
@@ -886,14 +859,6 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
-            let loses_sessions = tx
-                .query_row(
-                    "SELECT 1 FROM gateway_state WHERE key = ?1",
-                    params![LOSES_SESSIONS],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
             let n = match connack {
                 Connack::Reset | Connack::Absent => {
                     let n = tx.execute(
@@ -903,7 +868,7 @@ impl Store {
                     tx.execute("DELETE FROM exchanges", [])?;
                     n
                 }
-                Connack::Present if earlier_unseen && loses_sessions => tx.execute(
+                Connack::Present if earlier_unseen => tx.execute(
                     "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id IN
                      (SELECT id FROM exchanges WHERE stage = 'release')",
                     [],
@@ -1026,16 +991,97 @@ impl Store {
         Ok(c)
     }
 
-    /// When each device was last heard, newest first.
+    /// When each device was last heard, newest first. Reads the small
+    /// `device_runs` table, never the readings.
     pub fn last_heard(&self) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         let run = || -> rusqlite::Result<Vec<(String, DateTime<Utc>)>> {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT device, max(received_at) AS t FROM readings GROUP BY device ORDER BY t DESC",
+                "SELECT device, max(last_heard) AS t FROM device_runs
+                 WHERE last_heard IS NOT NULL GROUP BY device ORDER BY t DESC",
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, from_ms(r.get(1)?))))?;
             rows.collect()
         };
         run().map_err(|e| self.err(e))
+    }
+
+    /// Every device, at its newest epoch, for `hearth devices`; counters
+    /// add up over all its epochs.
+    pub fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<DeviceRow>> {
+            let mut stmt = self.conn.prepare(
+                "SELECT d.device, d.epoch, d.run, d.high, t.heard, d.gap_missing, d.gap_since,
+                 t.stored, t.late, t.restarts, t.conflicts, t.attention, t.until
+                 FROM device_runs d JOIN (SELECT device, max(epoch) AS epoch,
+                   max(last_heard) AS heard, sum(stored) AS stored, sum(late) AS late,
+                   sum(restarts) AS restarts, sum(conflicts) AS conflicts,
+                   max(attention) AS attention, max(attention_until) AS until
+                   FROM device_runs GROUP BY device) t
+                 ON d.device = t.device AND d.epoch = t.epoch ORDER BY d.device",
+            )?;
+            let now = to_ms(Utc::now());
+            let rows = stmt.query_map([], |row| {
+                let until: Option<i64> = row.get(12)?;
+                let active = until.is_some_and(|u| u > now);
+                Ok(DeviceRow {
+                    device: row.get(0)?,
+                    epoch: row.get(1)?,
+                    run: row.get(2)?,
+                    high: row.get(3)?,
+                    last_heard: row.get::<_, Option<i64>>(4)?.map(from_ms),
+                    gap_missing: row.get(5)?,
+                    gap_since: row.get::<_, Option<i64>>(6)?.map(from_ms),
+                    stored: row.get(7)?,
+                    late: row.get(8)?,
+                    restarts: row.get(9)?,
+                    conflicts: row.get(10)?,
+                    alarm: if active { row.get(11)? } else { None },
+                    alarm_until: if active { until.map(from_ms) } else { None },
+                })
+            })?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// An operator's reset of one device (`hearth devices reset`): its
+    /// newest epoch starts a new run with its next reading, whatever its seq
+    /// (no restart is detected for it), its gap is forgotten and its alarm
+    /// cleared. Readings already stored are untouched. Recorded in
+    /// `operator_actions`. Returns the new run, or `None` for an unknown
+    /// device.
+    pub fn reset_device(&mut self, device: &str, why: &str) -> Result<Option<u32>, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<Option<u32>> {
+            let tx = conn.transaction()?;
+            let epoch: Option<u32> = tx.query_row(
+                "SELECT max(epoch) FROM device_runs WHERE device = ?1",
+                params![device],
+                |r| r.get(0),
+            )?;
+            let Some(epoch) = epoch else {
+                return Ok(None);
+            };
+            let new_run: u32 = tx.query_row(
+                "UPDATE device_runs SET run = run + 1, high = NULL, high_alert = NULL,
+                 high_routine = NULL, gap_missing = NULL, gap_since = NULL
+                 WHERE device = ?1 AND epoch = ?2 RETURNING run",
+                params![device, epoch],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "UPDATE device_runs SET attention = NULL, attention_until = NULL
+                 WHERE device = ?1",
+                params![device],
+            )?;
+            tx.execute(
+                "INSERT INTO operator_actions (at, action, device, detail)
+                 VALUES (?1, 'device-reset', ?2, ?3)",
+                params![to_ms(Utc::now()), device, why],
+            )?;
+            tx.commit()?;
+            Ok(Some(new_run))
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<ReadingRow>, StoreError> {
@@ -1058,6 +1104,11 @@ impl Store {
                     pkid: row.get(11)?,
                     attempts: row.get(12)?,
                     delivered_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
+                    epoch: row.get(14)?,
+                    run: row.get(15)?,
+                    variant: row.get(16)?,
+                    late: row.get(17)?,
+                    restart: row.get(18)?,
                 })
             })?;
             rows.collect()
@@ -1065,33 +1116,71 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
-    /// Deletes delivered readings delivered before `before` (and rejected
-    /// frames received before it); never touches a reading that is queued or
-    /// in flight.
+    /// Deletes delivered readings delivered before `before` (leaving their
+    /// key and hash in `pruned`), rejected frames received before it, and
+    /// what `pruned` holds of readings pruned before it; never touches a
+    /// reading that is queued or in flight.
     pub fn prune_delivered(&mut self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        let run = |conn: &Connection| -> rusqlite::Result<usize> {
-            let n = conn.execute(
-                "DELETE FROM readings WHERE state = 'delivered' AND delivered_at < ?1",
+        let run = |store: &mut Store| -> rusqlite::Result<usize> {
+            let n = store.prune(
+                "(SELECT id FROM readings WHERE state = 'delivered' AND delivered_at < ?1)",
                 params![to_ms(before)],
             )?;
-            conn.execute(
+            store.conn.execute(
                 "DELETE FROM rejected_frames WHERE received_at < ?1",
+                params![to_ms(before)],
+            )?;
+            store.conn.execute(
+                "DELETE FROM pruned WHERE pruned_at < ?1",
                 params![to_ms(before)],
             )?;
             Ok(n)
         };
-        run(&self.conn).map_err(|e| self.err(e))
+        run(self).map_err(|e| self.err(e))
+    }
+
+    /// Deletes the readings `ids` selects (a parenthesised query over
+    /// `params`), leaving a tombstone of each in `pruned`, in one
+    /// transaction. Deletes first, so a store at its cap can still prune.
+    /// Returns how many were deleted.
+    fn prune(&mut self, ids: &str, params: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<usize> {
+        let now = to_ms(Utc::now());
+        let tx = self.conn.transaction()?;
+        let gone: Vec<(String, u32, u32, u32, u32, Option<i64>)> = tx
+            .prepare(&format!(
+                "DELETE FROM readings WHERE id IN {ids}
+                 RETURNING device, epoch, seq, run, variant, hash"
+            ))?
+            .query_map(params, |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut keep = tx.prepare_cached(TOMBSTONE)?;
+        for (device, epoch, seq, run, variant, hash) in &gone {
+            keep.execute(params![device, epoch, seq, run, variant, hash, now])?;
+        }
+        drop(keep);
+        let n = gone.len();
+        tx.commit()?;
+        Ok(n)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serial::frame::Kind;
 
     fn reading(seq: u32, priority: Priority) -> Reading {
         Reading {
             device_id: "PM-1".into(),
+            epoch: None,
             seq,
             device_time: from_ms(1_700_000_000_000 + seq as i64),
             kind: if priority == Priority::Alert {
@@ -1109,33 +1198,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.db")).unwrap();
         (dir, store)
-    }
-
-    #[test]
-    fn resent_reading_is_stored_once_and_acked_again() {
-        let (_dir, mut store) = open();
-        let r = reading(1, Priority::Routine);
-        let now = Utc::now();
-        assert_eq!(
-            store
-                .commit_serial("p", std::slice::from_ref(&r), &[], now)
-                .unwrap(),
-            [Insert::Stored]
-        );
-        assert_eq!(
-            store
-                .commit_serial("p", std::slice::from_ref(&r), &[], now)
-                .unwrap(),
-            [Insert::Duplicate]
-        );
-        let mut other = r;
-        other.value = 99.0;
-        assert_eq!(
-            store.commit_serial("p", &[other], &[], now).unwrap(),
-            [Insert::Conflict]
-        );
-        assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 1);
-        assert_eq!(store.counts().unwrap().rejected_frames, 1);
     }
 
     #[test]
@@ -1182,9 +1244,9 @@ mod tests {
 
     #[test]
     fn unseen_connack_requeues_only_released_exchanges_and_keeps_their_ids() {
+        // From the very first missed CONNACK: no broker is trusted to have
+        // kept the session (issue 6, Found 9).
         let (_dir, mut store) = open();
-        // The broker was seen to lose our session once.
-        store.settle_connack(Connack::Absent, false).unwrap();
         let now = Utc::now();
         store
             .commit_serial(
@@ -1198,15 +1260,8 @@ mod tests {
         store.begin_exchange(1, "t", &[q[0].id], now).unwrap();
         store.begin_exchange(2, "t", &[q[1].id], now).unwrap();
         store.exchange_released(2).unwrap();
-        // A broker that keeps sessions: the session is ours, nothing moves.
-        let mut trusting = Store::open(&_dir.path().join("other.db")).unwrap();
-        trusting
-            .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
-            .unwrap();
-        let t = trusting.next_queued(Priority::Routine, 1).unwrap();
-        trusting.begin_exchange(3, "t", &[t[0].id], now).unwrap();
-        trusting.exchange_released(3).unwrap();
-        assert_eq!(trusting.settle_connack(Connack::Present, true).unwrap(), 0);
+        // Seen CONNACKs: the session is ours, nothing moves.
+        assert_eq!(store.settle_connack(Connack::Present, false).unwrap(), 0);
         assert_eq!(store.settle_connack(Connack::Present, true).unwrap(), 1);
         // Both ids stay open (one to resend, one to release)...
         assert_eq!(store.open_exchanges().unwrap().len(), 2);
@@ -1228,89 +1283,6 @@ mod tests {
         assert_eq!(store.complete_exchange(5, now).unwrap(), 0);
         assert_eq!(store.open_exchanges().unwrap().len(), 1);
         assert_eq!(store.counts().unwrap().delivered, 0);
-    }
-
-    #[test]
-    fn readings_after_a_gap_wait_for_the_missing_one() {
-        let (_dir, mut store) = open();
-        let now = Utc::now();
-        let r = |seq| reading(seq, Priority::Routine);
-        store.commit_serial("p", &[r(1), r(2)], &[], now).unwrap();
-        assert_eq!(
-            store.commit_serial("p", &[r(4), r(5)], &[], now).unwrap(),
-            [Insert::Gap { missing: 3 }, Insert::Gap { missing: 3 }]
-        );
-        // Out of order within one batch is put right.
-        assert_eq!(
-            store.commit_serial("p", &[r(4), r(3)], &[], now).unwrap(),
-            [Insert::Stored, Insert::Stored]
-        );
-        let seqs: Vec<u32> = store
-            .list(&ListFilter::default())
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(seqs, [1, 2, 3, 4]);
-        // A gap the device keeps open while resending is its own: taken
-        // after the wait.
-        store.set_gap_wait(std::time::Duration::from_millis(50));
-        for _ in 0..2 {
-            assert_eq!(
-                store.commit_serial("p", &[r(9)], &[], now).unwrap(),
-                [Insert::Gap { missing: 5 }]
-            );
-            std::thread::sleep(std::time::Duration::from_millis(30));
-        }
-        assert_eq!(
-            store.commit_serial("p", &[r(9)], &[], now).unwrap(),
-            [Insert::Stored]
-        );
-    }
-
-    #[test]
-    fn an_alert_waits_only_a_moment_behind_a_gap() {
-        let (_dir, mut store) = open();
-        let now = Utc::now();
-        let r = |seq| reading(seq, Priority::Routine);
-        store.commit_serial("p", &[r(1)], &[], now).unwrap();
-        let alert = reading(5, Priority::Alert);
-        assert_eq!(
-            store
-                .commit_serial("p", std::slice::from_ref(&alert), &[], now)
-                .unwrap(),
-            [Insert::Gap { missing: 2 }]
-        );
-        std::thread::sleep(ALERT_GAP_WAIT + std::time::Duration::from_millis(20));
-        assert_eq!(
-            store.commit_serial("p", &[alert, r(3)], &[], now).unwrap(),
-            [Insert::Stored, Insert::Gap { missing: 2 }]
-        );
-        // The missing ones arrive; the frontier passes over the alert.
-        assert_eq!(
-            store
-                .commit_serial("p", &[r(2), r(3), r(4), r(6)], &[], now)
-                .unwrap(),
-            [Insert::Stored; 4]
-        );
-    }
-
-    #[test]
-    fn a_seq_reused_after_its_reading_was_deleted_is_refused() {
-        let (_dir, mut store) = open();
-        let now = Utc::now();
-        let r = |seq| reading(seq, Priority::Routine);
-        store.commit_serial("p", &[r(1), r(2)], &[], now).unwrap();
-        store.conn.execute("DELETE FROM readings", []).unwrap();
-        // A device that restarted its count: seq 1 again, other content.
-        let mut again = r(1);
-        again.value = 99.0;
-        assert_eq!(
-            store.commit_serial("p", &[again], &[], now).unwrap(),
-            [Insert::Conflict]
-        );
-        assert_eq!(store.counts().unwrap().rejected_frames, 1);
-        assert!(store.list(&ListFilter::default()).unwrap().is_empty());
     }
 
     #[test]
@@ -1352,7 +1324,7 @@ mod tests {
             device: Some("PM-1".into()),
             ..Default::default()
         });
-        assert!(device.contains("sqlite_autoindex_readings_1"), "{device}");
+        assert!(device.contains("readings_key"), "{device}");
         let state = plan(ListFilter {
             state: Some("queued".into()),
             ..Default::default()

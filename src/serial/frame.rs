@@ -45,6 +45,9 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
+use crate::reading::unknown;
+pub use crate::reading::{Kind, Priority, Reading};
+
 /// Longest frame the decoder accepts, from `$` through `\n` inclusive.
 pub const MAX_FRAME_LEN: usize = 256;
 
@@ -58,156 +61,30 @@ const MAX_PLAIN_VALUE_LEN: usize = 24;
 const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.3fZ";
 const EPISODE_DETAILS: [&str; 3] = ["AF", "VT", "VF"];
 
-/// What a reading measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    HeartRate,
-    BatteryVoltage,
-    LeadImpedance,
-    PacingPercent,
-    AfBurden,
-    /// An arrhythmia episode; the value is its duration, the detail its type.
-    Episode,
-    /// A delivered shock; the value is its energy.
-    ShockDelivered,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 7] = [
-        Kind::HeartRate,
-        Kind::BatteryVoltage,
-        Kind::LeadImpedance,
-        Kind::PacingPercent,
-        Kind::AfBurden,
-        Kind::Episode,
-        Kind::ShockDelivered,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::HeartRate => "heart_rate",
-            Kind::BatteryVoltage => "battery_voltage",
-            Kind::LeadImpedance => "lead_impedance",
-            Kind::PacingPercent => "pacing_percent",
-            Kind::AfBurden => "af_burden",
-            Kind::Episode => "episode",
-            Kind::ShockDelivered => "shock_delivered",
-        }
-    }
-
-    /// The unit a reading of this kind must carry on the wire.
-    pub fn unit(self) -> &'static str {
-        match self {
-            Kind::HeartRate => "bpm",
-            Kind::BatteryVoltage => "V",
-            Kind::LeadImpedance => "ohm",
-            Kind::PacingPercent | Kind::AfBurden => "%",
-            Kind::Episode => "s",
-            Kind::ShockDelivered => "J",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|kind| kind.as_str() == s)
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl FromStr for Kind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Kind::parse(s).ok_or_else(|| unknown("kind", s, Kind::ALL.map(Kind::as_str)))
-    }
-}
-
-/// How urgently a reading must reach the clinic.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    /// Declared first so that alerts sort before routine readings.
-    Alert,
-    Routine,
-}
-
-impl Priority {
-    const ALL: [Priority; 2] = [Priority::Alert, Priority::Routine];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Alert => "alert",
-            Priority::Routine => "routine",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Priority> {
-        Priority::ALL.into_iter().find(|p| p.as_str() == s)
-    }
-}
-
-impl fmt::Display for Priority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl FromStr for Priority {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Priority::parse(s)
-            .ok_or_else(|| unknown("priority", s, Priority::ALL.map(Priority::as_str)))
-    }
-}
-
-fn unknown<const N: usize>(what: &str, got: &str, valid: [&str; N]) -> String {
-    format!(
-        "unknown {what} `{}` (expected one of {})",
-        got.escape_default(),
-        valid.join(", ")
-    )
-}
-
-/// One measurement from the implant, as the device reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reading {
-    /// 1..=32 characters of `[A-Za-z0-9._-]`.
-    pub device_id: String,
-    /// Monotonic per device; the outbox deduplicates on `(device_id, seq)`.
-    pub seq: u32,
-    /// Carried on the wire to millisecond precision.
-    pub device_time: DateTime<Utc>,
-    pub kind: Kind,
-    /// Finite; its unit is `kind.unit()`.
-    pub value: f64,
-    pub priority: Priority,
-    /// Episode: required, one of `AF`, `VT`, `VF`. Other kinds: `None`.
-    pub detail: Option<String>,
-}
-
 /// A decoded frame, in either direction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// Device to gateway.
     Reading(Reading),
     /// Gateway to device: the reading is committed (or was already stored).
-    Ack { device_id: String, seq: u32 },
+    Ack {
+        device_id: String,
+        epoch: Option<u32>,
+        seq: u32,
+    },
     /// Gateway to device: rejected, resend. `reason` is a code token `[a-z-]`.
     Nak {
         device_id: Option<String>,
+        epoch: Option<u32>,
         seq: Option<u32>,
         reason: String,
     },
     /// Gateway to device: the store is full; keep the reading, resend later.
-    Busy { device_id: String, seq: u32 },
+    Busy {
+        device_id: String,
+        epoch: Option<u32>,
+        seq: u32,
+    },
 }
 
 impl Frame {
@@ -218,7 +95,7 @@ impl Frame {
                 let mut body = format!(
                     "R,{},{},{},{},{},{},{}",
                     r.device_id,
-                    r.seq,
+                    SeqField(r.epoch, r.seq),
                     r.device_time.format(TIME_FORMAT),
                     r.kind,
                     format_value(r.value),
@@ -231,16 +108,26 @@ impl Frame {
                 }
                 body
             }
-            Frame::Ack { device_id, seq } => format!("A,{device_id},{seq}"),
-            Frame::Busy { device_id, seq } => format!("B,{device_id},{seq}"),
+            Frame::Ack {
+                device_id,
+                epoch,
+                seq,
+            } => format!("A,{device_id},{}", SeqField(*epoch, *seq)),
+            Frame::Busy {
+                device_id,
+                epoch,
+                seq,
+            } => format!("B,{device_id},{}", SeqField(*epoch, *seq)),
             Frame::Nak {
                 device_id,
+                epoch,
                 seq,
                 reason,
             } => format!(
                 "N,{},{},{reason}",
                 device_id.as_deref().unwrap_or(""),
-                seq.map(|s| s.to_string()).unwrap_or_default()
+                seq.map(|s| SeqField(*epoch, s).to_string())
+                    .unwrap_or_default()
             ),
         };
         format!("${body}*{:04X}\r\n", crc16(body.as_bytes())).into_bytes()
@@ -278,26 +165,28 @@ impl Rejected {
     /// only when the checksum held and those two fields are valid, since
     /// otherwise they cannot be trusted.
     pub fn nak(&self) -> Frame {
-        let (device_id, seq) = match self.reason {
+        let (device_id, (epoch, seq)) = match self.reason {
             RejectReason::InvalidField { .. } => self.ids(),
-            _ => (None, None),
+            _ => (None, (None, None)),
         };
         Frame::Nak {
             device_id,
+            epoch,
             seq,
             reason: self.reason.code().to_owned(),
         }
     }
 
-    /// Device id and seq (fields 2 and 3 of every frame type) where valid.
-    fn ids(&self) -> (Option<String>, Option<u32>) {
+    /// Device id and `(epoch, seq)` (fields 2 and 3 of every frame type)
+    /// where valid.
+    fn ids(&self) -> (Option<String>, (Option<u32>, Option<u32>)) {
         let body = self.raw.get(1..).unwrap_or_default();
         let body = body.split(|&b| b == b'*').next().unwrap_or_default();
         let mut fields = body.split(|&b| b == b',').skip(1).map(std::str::from_utf8);
         let mut next = || fields.next().and_then(Result::ok);
         let device_id = next().and_then(|id| parse_device_id(id).ok());
-        let seq = next().and_then(|seq| parse_seq(seq).ok());
-        (device_id, seq)
+        let seq = next().and_then(|seq| parse_seq_field(seq).ok());
+        (device_id, seq.map_or((None, None), |(e, s)| (e, Some(s))))
     }
 }
 
@@ -490,20 +379,33 @@ fn parse_frame(raw: &[u8]) -> Result<Frame, RejectReason> {
             let [_, id, seq] = fields[..] else {
                 return Err(count("3"));
             };
-            let (device_id, seq) = (parse_device_id(id)?, parse_seq(seq)?);
+            let (device_id, (epoch, seq)) = (parse_device_id(id)?, parse_seq_field(seq)?);
             Ok(if fields[0] == "A" {
-                Frame::Ack { device_id, seq }
+                Frame::Ack {
+                    device_id,
+                    epoch,
+                    seq,
+                }
             } else {
-                Frame::Busy { device_id, seq }
+                Frame::Busy {
+                    device_id,
+                    epoch,
+                    seq,
+                }
             })
         }
         "N" => {
             let [_, id, seq, reason] = fields[..] else {
                 return Err(count("4"));
             };
+            let device_id = (!id.is_empty()).then(|| parse_device_id(id)).transpose()?;
+            let seq = (!seq.is_empty())
+                .then(|| parse_seq_field(seq))
+                .transpose()?;
             Ok(Frame::Nak {
-                device_id: (!id.is_empty()).then(|| parse_device_id(id)).transpose()?,
-                seq: (!seq.is_empty()).then(|| parse_seq(seq)).transpose()?,
+                device_id,
+                epoch: seq.and_then(|(e, _)| e),
+                seq: seq.map(|(_, s)| s),
                 reason: parse_reason(reason)?,
             })
         }
@@ -529,7 +431,7 @@ fn parse_reading(
     detail: Option<&str>,
 ) -> Result<Frame, RejectReason> {
     let device_id = parse_device_id(device_id)?;
-    let seq = parse_seq(seq)?;
+    let (epoch, seq) = parse_seq_field(seq)?;
     let device_time = DateTime::parse_from_rfc3339(device_time)
         .map_err(|e| invalid("device_time", format!("not an RFC 3339 timestamp ({e})")))?
         .with_timezone(&Utc);
@@ -575,6 +477,7 @@ fn parse_reading(
     };
     Ok(Frame::Reading(Reading {
         device_id,
+        epoch,
         seq,
         device_time,
         kind,
@@ -606,18 +509,52 @@ fn parse_device_id(s: &str) -> Result<String, RejectReason> {
     Ok(s.to_owned())
 }
 
-fn parse_seq(s: &str) -> Result<u32, RejectReason> {
-    // `u32::from_str` alone would also take a leading `+`.
+/// The seq field: `SEQ` (v1) or `EPOCH:SEQ` (v1.1), each a decimal u32.
+fn parse_seq_field(s: &str) -> Result<(Option<u32>, u32), RejectReason> {
+    match s.split_once(':') {
+        None => Ok((None, parse_seq(s)?)),
+        Some((epoch, seq)) => {
+            let epoch = parse_number(epoch).ok_or_else(|| {
+                invalid(
+                    "seq",
+                    format!(
+                        "epoch before `:` is not a decimal number from 0 to {}",
+                        u32::MAX
+                    ),
+                )
+            })?;
+            Ok((Some(epoch), parse_seq(seq)?))
+        }
+    }
+}
+
+/// A decimal u32 of digits only (`u32::from_str` alone would take a `+`).
+fn parse_number(s: &str) -> Option<u32> {
     s.bytes()
         .all(|b| b.is_ascii_digit())
         .then(|| s.parse().ok())
         .flatten()
-        .ok_or_else(|| {
-            invalid(
-                "seq",
-                format!("not a decimal number from 0 to {}", u32::MAX),
-            )
-        })
+}
+
+/// Writes the seq field: `SEQ`, or `EPOCH:SEQ` when an epoch is given.
+struct SeqField(Option<u32>, u32);
+
+impl fmt::Display for SeqField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(epoch) => write!(f, "{epoch}:{}", self.1),
+            None => write!(f, "{}", self.1),
+        }
+    }
+}
+
+fn parse_seq(s: &str) -> Result<u32, RejectReason> {
+    parse_number(s).ok_or_else(|| {
+        invalid(
+            "seq",
+            format!("not a decimal number from 0 to {}", u32::MAX),
+        )
+    })
 }
 
 fn parse_reason(s: &str) -> Result<String, RejectReason> {
@@ -678,6 +615,7 @@ mod tests {
     fn reading(seq: u32, at: &str, kind: Kind, value: f64, priority: Priority) -> Reading {
         Reading {
             device_id: "ICD-0042".into(),
+            epoch: None,
             seq,
             device_time: time(at),
             kind,
@@ -690,6 +628,7 @@ mod tests {
     fn ack(seq: u32) -> Frame {
         Frame::Ack {
             device_id: "ICD-0042".into(),
+            epoch: None,
             seq,
         }
     }
@@ -789,6 +728,7 @@ mod tests {
             (
                 Frame::Nak {
                     device_id: None,
+                    epoch: None,
                     seq: None,
                     reason: "checksum".into(),
                 },
@@ -797,6 +737,7 @@ mod tests {
             (
                 Frame::Nak {
                     device_id: Some("ICD-0042".into()),
+                    epoch: None,
                     seq: Some(2),
                     reason: "invalid".into(),
                 },
@@ -805,6 +746,7 @@ mod tests {
             (
                 Frame::Busy {
                     device_id: "ICD-0042".into(),
+                    epoch: None,
                     seq: 4,
                 },
                 "$B,ICD-0042,4*05CB\r\n",
@@ -904,15 +846,18 @@ mod tests {
             ack(0),
             Frame::Busy {
                 device_id: "a.b_c-D9".into(),
+                epoch: None,
                 seq: 7,
             },
             Frame::Nak {
                 device_id: Some("x".repeat(MAX_DEVICE_ID_LEN)),
+                epoch: None,
                 seq: None,
                 reason: "out-of-order".into(),
             },
             Frame::Nak {
                 device_id: None,
+                epoch: None,
                 seq: Some(3),
                 reason: "malformed".into(),
             },
@@ -1259,6 +1204,7 @@ mod tests {
     fn rejected_frames_map_to_the_nak_the_gateway_sends() {
         let nak = |device_id: Option<&str>, seq, reason: &str| Frame::Nak {
             device_id: device_id.map(Into::into),
+            epoch: None,
             seq,
             reason: reason.into(),
         };

@@ -2,10 +2,16 @@
 //!
 //! Guarantee: a reading is ACKed only after the store has committed it. A
 //! batch of frames that arrived together is committed in one transaction
-//! (one fsync) and then ACKed together. A frame the decoder rejects is kept
-//! in `rejected_frames` and NAKed; when the store is full the device gets
-//! BUSY and keeps the reading. The port may vanish (USB unplug): the reader
-//! logs the transition and reopens it with backoff.
+//! (one fsync) and then ACKed together. Where a reading goes is decided by
+//! [`crate::outbox::ingest`]; no well-formed reading is refused for good. A
+//! frame the decoder rejects is kept in `rejected_frames`, NAKed, and its
+//! field and cause logged at INFO (at most one line per [`REJECT_LOG_EVERY`],
+//! never with its bytes). When the store is full the device gets BUSY and
+//! keeps the reading, but a resend of a stored one is still ACKed. Answer
+//! frames (`A`, `N`, `B`) from the device are ignored, as the protocol says
+//! (they are the gateway's own, e.g. a line that echoes). The port may
+//! vanish (USB unplug): the reader logs the transition and reopens it with
+//! backoff.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,14 +20,22 @@ use chrono::Utc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::frame::{Decoded, Decoder, Frame, Reading, Rejected};
+use super::frame::{Decoded, Decoder, Frame, Rejected};
 use crate::alarm::Alarms;
-use crate::outbox::{Insert, StoreError, StoreHandle};
+use crate::outbox::ingest::{CONFLICT_ALARM, RESTART_ALARM};
+use crate::outbox::{Flag, Insert, RejectedFrame, StoreHandle};
+use crate::reading::Reading;
 
 const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(5);
 /// Longest an answer (ACK/NAK/BUSY) may take to write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one INFO line about rejected frames this often (the rest are
+/// counted in the next line, and all are in `rejected_frames`).
+pub const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often device alarms are looked at again, so that they clear on time
+/// on a quiet line.
+const ALARM_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
@@ -72,6 +86,16 @@ pub struct SerialReader {
     baud: u32,
     store: StoreHandle,
     alarms: Alarms,
+    device_alarm: Duration,
+}
+
+/// Rate limit of the INFO lines about rejected frames, per reject code, so
+/// that a flood of one kind never hides another.
+#[derive(Default)]
+struct RejectLog {
+    /// Per code: when its last line went out, and how many were not logged
+    /// since.
+    last: std::collections::HashMap<&'static str, (std::time::Instant, u64)>,
 }
 
 impl SerialReader {
@@ -81,10 +105,29 @@ impl SerialReader {
             baud,
             store,
             alarms,
+            device_alarm: crate::outbox::store::DEVICE_ALARM,
         }
     }
 
+    /// How long a device restart or seq conflict keeps its alarm.
+    pub fn with_device_alarm(mut self, period: Duration) -> SerialReader {
+        self.device_alarm = period;
+        self
+    }
+
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SerialError> {
+        let period = self.device_alarm;
+        if let Err(e) = self
+            .store
+            .call(move |s| {
+                s.set_device_alarm(period);
+                Ok(())
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "Cannot set the device alarm period.");
+        }
+        self.refresh_device_alarms().await;
         let mut delay = REOPEN_MIN;
         let mut waiting_logged = false;
         loop {
@@ -140,10 +183,17 @@ impl SerialReader {
         };
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; 4096];
+        let mut log = RejectLog::default();
+        let mut alarm_check = tokio::time::interval(ALARM_CHECK_EVERY);
+        alarm_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = port.read(&mut buf) => r.map_err(io)?,
+                _ = alarm_check.tick() => {
+                    self.refresh_device_alarms().await;
+                    continue;
+                }
             };
             if n == 0 {
                 return Err(SerialError::Closed(self.path.clone()));
@@ -154,13 +204,20 @@ impl SerialReader {
             while let Some(d) = decoder.next() {
                 match d {
                     Decoded::Frame(Frame::Reading(r)) => readings.push(r),
-                    Decoded::Frame(other) => rejected.push(Rejected {
-                        raw: other.encode(),
-                        reason: super::frame::RejectReason::Malformed(
-                            "a device may only send readings".into(),
-                        ),
-                    }),
-                    Decoded::Rejected(r) => rejected.push(r),
+                    Decoded::Frame(other) => {
+                        // Section 5, rule 9: answers are never answered.
+                        tracing::debug!(frame = ?other, "Answer frame from the device ignored.");
+                        log.note(
+                            &self.path,
+                            "answer",
+                            "an answer frame (A, N or B) from the device was ignored: only the gateway sends those (does the line echo?)",
+                        );
+                    }
+                    Decoded::Rejected(r) => {
+                        tracing::debug!(reason = %r.reason, raw = %r.raw.escape_ascii(), "Frame rejected.");
+                        log.note(&self.path, r.reason.code(), &r.reason.to_string());
+                        rejected.push(r);
+                    }
                 }
             }
             if readings.is_empty() && rejected.is_empty() {
@@ -183,104 +240,36 @@ impl SerialReader {
     /// Commits one batch and returns the bytes to answer with.
     async fn commit(&self, readings: Vec<Reading>, rejected: Vec<Rejected>) -> Vec<u8> {
         let port = self.path.display().to_string();
-        let keys: Vec<(String, u32)> = readings
+        let keys: Vec<(String, Option<u32>, u32)> = readings
             .iter()
-            .map(|r| (r.device_id.clone(), r.seq))
+            .map(|r| (r.device_id.clone(), r.epoch, r.seq))
             .collect();
         let naks: Vec<Frame> = rejected.iter().map(Rejected::nak).collect();
         let rejected_count = rejected.len();
-        for r in &rejected {
-            tracing::debug!(reason = %r.reason, bytes = r.raw.len(), "Frame rejected.");
-        }
+        let rejected: Vec<RejectedFrame> = rejected
+            .into_iter()
+            .map(|r| RejectedFrame {
+                code: r.reason.code(),
+                detail: r.reason.to_string(),
+                raw: r.raw,
+            })
+            .collect();
         let result = self
             .store
-            .call(move |s| s.commit_serial(&port, &readings, &rejected, Utc::now()))
+            .call(move |s| {
+                let now = Utc::now();
+                let outcomes = s.commit_serial(&port, &readings, &rejected, now)?;
+                Ok((outcomes, s.device_alarms(now)?))
+            })
             .await;
         let mut out = Vec::new();
         for nak in naks {
             out.extend(nak.encode());
         }
-        match result {
-            Ok(outcomes) => {
-                if self.alarms.clear("store-full") {
-                    tracing::info!("Store accepts readings again.");
-                    self.alarms.record(&self.store).await;
-                }
-                let mut stored = 0;
-                let mut conflicts = 0;
-                let mut asked: Vec<String> = Vec::new();
-                for ((device_id, seq), outcome) in keys.into_iter().zip(outcomes) {
-                    match outcome {
-                        Insert::Stored => stored += 1,
-                        Insert::Gap { missing } => {
-                            // Ask for the missing one first, then this one
-                            // again: a device resends NAKed frames at once and
-                            // in order, so they come back in seq order.
-                            tracing::debug!(%device_id, seq, missing, "Reading after a gap; asking for the missing one.");
-                            if !asked.contains(&device_id) {
-                                asked.push(device_id.clone());
-                                out.extend(
-                                    Frame::Nak {
-                                        device_id: Some(device_id.clone()),
-                                        seq: Some(missing),
-                                        reason: "missing".into(),
-                                    }
-                                    .encode(),
-                                );
-                            }
-                            out.extend(
-                                Frame::Nak {
-                                    device_id: Some(device_id),
-                                    seq: Some(seq),
-                                    reason: "gap".into(),
-                                }
-                                .encode(),
-                            );
-                            continue;
-                        }
-                        Insert::Duplicate => {
-                            tracing::debug!(%device_id, seq, "Resent reading ACKed again.")
-                        }
-                        Insert::Conflict => {
-                            // Another reading holds this (device, seq): ACKing
-                            // would let the device drop one that is never
-                            // published. NAK it; it is kept in rejected_frames.
-                            conflicts += 1;
-                            out.extend(
-                                Frame::Nak {
-                                    device_id: Some(device_id),
-                                    seq: Some(seq),
-                                    reason: "conflict".into(),
-                                }
-                                .encode(),
-                            );
-                            continue;
-                        }
-                    }
-                    out.extend(Frame::Ack { device_id, seq }.encode());
-                }
-                if conflicts > 0 && self.alarms.raise("seq-conflict") {
-                    tracing::error!(
-                        port = %self.path.display(),
-                        conflicts,
-                        "A device reused sequence numbers: NAKed `conflict` and kept in rejected_frames; the device needs attention."
-                    );
-                    self.alarms.record(&self.store).await;
-                }
-                if stored > 0 {
-                    tracing::debug!(stored, "Readings stored.");
-                    self.store.notify_queued();
-                }
-            }
+        let (outcomes, device_alarms) = match result {
+            Ok(done) => done,
             Err(e) => {
-                if matches!(e, StoreError::Full { .. }) {
-                    if self.alarms.raise("store-full") {
-                        tracing::error!(error = %e, "Store is full: the device is told BUSY and keeps its readings.");
-                        self.alarms.record(&self.store).await;
-                    }
-                } else {
-                    tracing::error!(error = %e, "Cannot store readings: the device is told BUSY and keeps them.");
-                }
+                tracing::error!(error = %e, "Cannot store readings: the device is told BUSY and keeps them.");
                 if rejected_count > 0 {
                     tracing::warn!(
                         port = %self.path.display(),
@@ -288,11 +277,153 @@ impl SerialReader {
                         "Rejected frames NAKed but not kept: the store cannot take them."
                     );
                 }
-                for (device_id, seq) in keys {
-                    out.extend(Frame::Busy { device_id, seq }.encode());
+                for (device_id, epoch, seq) in keys {
+                    out.extend(
+                        Frame::Busy {
+                            device_id,
+                            epoch,
+                            seq,
+                        }
+                        .encode(),
+                    );
                 }
+                return out;
             }
+        };
+        let mut stored = 0;
+        let mut busy = 0;
+        let mut asked: Vec<(String, Option<u32>)> = Vec::new();
+        for ((device_id, epoch, seq), outcome) in keys.into_iter().zip(outcomes) {
+            // Asks once per device and batch for the seq it has not got; a
+            // device resends NAKed frames at once and in order.
+            let mut ask = |missing: u32, out: &mut Vec<u8>| {
+                tracing::debug!(%device_id, seq, missing, "Reading after a gap; asking for the missing one.");
+                if !asked.contains(&(device_id.clone(), epoch)) {
+                    asked.push((device_id.clone(), epoch));
+                    out.extend(
+                        Frame::Nak {
+                            device_id: Some(device_id.clone()),
+                            epoch,
+                            seq: Some(missing),
+                            reason: "missing".into(),
+                        }
+                        .encode(),
+                    );
+                }
+            };
+            let answer = match outcome {
+                Insert::Stored(flag) => {
+                    stored += 1;
+                    if flag != Flag::None {
+                        tracing::debug!(%device_id, seq, ?flag, "Reading stored out of the ordinary.");
+                    }
+                    Frame::Ack {
+                        device_id,
+                        epoch,
+                        seq,
+                    }
+                }
+                Insert::StoredAhead { missing } => {
+                    stored += 1;
+                    ask(missing, &mut out);
+                    Frame::Ack {
+                        device_id,
+                        epoch,
+                        seq,
+                    }
+                }
+                Insert::Duplicate => {
+                    tracing::debug!(%device_id, seq, "Resent reading ACKed again.");
+                    Frame::Ack {
+                        device_id,
+                        epoch,
+                        seq,
+                    }
+                }
+                Insert::Gap { missing } => {
+                    ask(missing, &mut out);
+                    Frame::Nak {
+                        device_id: Some(device_id),
+                        epoch,
+                        seq: Some(seq),
+                        reason: "gap".into(),
+                    }
+                }
+                Insert::Busy => {
+                    busy += 1;
+                    Frame::Busy {
+                        device_id,
+                        epoch,
+                        seq,
+                    }
+                }
+            };
+            out.extend(answer.encode());
+        }
+        if busy > 0 && self.alarms.raise("store-full") {
+            tracing::error!(
+                path = %self.path.display(),
+                busy,
+                "Store is full: the device is told BUSY and keeps its readings."
+            );
+            self.alarms.record(&self.store).await;
+        } else if stored > 0 && self.alarms.clear("store-full") {
+            tracing::info!("Store accepts readings again.");
+            self.alarms.record(&self.store).await;
+        }
+        self.sync_device_alarms(&device_alarms).await;
+        if stored > 0 {
+            tracing::debug!(stored, "Readings stored.");
+            self.store.notify_queued();
         }
         out
+    }
+
+    /// Looks at the device alarms again (they clear on their own in time).
+    async fn refresh_device_alarms(&self) {
+        match self.store.call(|s| s.device_alarms(Utc::now())).await {
+            Ok(active) => self.sync_device_alarms(&active).await,
+            Err(e) => tracing::warn!(error = %e, "Cannot read device alarms."),
+        }
+    }
+
+    /// Raises or clears `device-restart` and `seq-conflict` to match the store.
+    async fn sync_device_alarms(&self, active: &[&'static str]) {
+        let mut changed = false;
+        for code in [RESTART_ALARM, CONFLICT_ALARM] {
+            if active.contains(&code) {
+                if self.alarms.raise(code) {
+                    tracing::warn!(alarm = code, "Device alarm raised: see `hearth devices`.");
+                    changed = true;
+                }
+            } else if self.alarms.clear(code) {
+                tracing::info!(alarm = code, "Device alarm cleared.");
+                changed = true;
+            }
+        }
+        if changed {
+            self.alarms.record(&self.store).await;
+        }
+    }
+}
+
+impl RejectLog {
+    /// Logs `what` at INFO unless a line with the same `code` went out
+    /// within [`REJECT_LOG_EVERY`].
+    fn note(&mut self, port: &Path, code: &'static str, what: &str) {
+        let now = std::time::Instant::now();
+        if let Some((last, skipped)) = self.last.get_mut(code)
+            && now - *last < REJECT_LOG_EVERY
+        {
+            *skipped += 1;
+            return;
+        }
+        let skipped = self.last.insert(code, (now, 0)).map_or(0, |(_, n)| n);
+        tracing::info!(
+            port = %port.display(),
+            cause = what,
+            same_kind_not_logged = skipped,
+            "Frame from the device not taken; see docs/serial-protocol.md section 7."
+        );
     }
 }

@@ -249,7 +249,7 @@ impl Device<'_> {
         let opts = self.opts;
         let ours = |id: &str| id == opts.device_id;
         match decoded {
-            Decoded::Frame(Frame::Ack { device_id, seq }) if ours(&device_id) => {
+            Decoded::Frame(Frame::Ack { device_id, seq, .. }) if ours(&device_id) => {
                 match self.position(seq) {
                     Some(i) => {
                         self.window.remove(i);
@@ -263,6 +263,7 @@ impl Device<'_> {
                 device_id,
                 seq,
                 reason,
+                ..
             }) if device_id.as_deref().is_none_or(ours) => {
                 self.summary.naks += 1;
                 debug!(?seq, %reason, "NAK.");
@@ -272,7 +273,7 @@ impl Device<'_> {
                     let _ = self.resend(i, now);
                 }
             }
-            Decoded::Frame(Frame::Busy { device_id, seq }) if ours(&device_id) => {
+            Decoded::Frame(Frame::Busy { device_id, seq, .. }) if ours(&device_id) => {
                 if let Some(i) = self.position(seq) {
                     self.summary.busy += 1;
                     debug!(seq, "BUSY: keeping the frame for later.");

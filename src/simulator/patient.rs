@@ -17,7 +17,7 @@ use std::f64::consts::TAU;
 
 use chrono::{DateTime, Timelike, Utc};
 
-use crate::serial::frame::{Kind, Priority, Reading};
+use crate::reading::{Kind, Priority, Reading};
 
 /// Heart rate is clamped to this range (bpm).
 pub const HEART_RATE_RANGE: (f64, f64) = (40.0, 150.0);
@@ -86,6 +86,7 @@ impl Patient {
         };
         Reading {
             device_id: device_id.to_owned(),
+            epoch: None,
             seq,
             device_time: now,
             kind,

@@ -90,6 +90,7 @@ fn open_slave(path: &str) -> Box<dyn SerialPort> {
 fn ack(seq: u32) -> Frame {
     Frame::Ack {
         device_id: DEVICE.to_owned(),
+        epoch: None,
         seq,
     }
 }
@@ -126,7 +127,7 @@ fn serve(
             }
             for reply in answer(&decoded, seen) {
                 // Decoy ACKs (another device, an unknown seq) are not recorded.
-                if let Frame::Ack { device_id, seq } = &reply
+                if let Frame::Ack { device_id, seq, .. } = &reply
                     && device_id == DEVICE
                     && seen.copies.contains_key(seq)
                 {
@@ -146,6 +147,7 @@ fn honest(decoded: &Decoded, _: &Seen) -> Vec<Frame> {
         Decoded::Frame(Frame::Reading(r)) => vec![ack(r.seq)],
         Decoded::Rejected(rejected) => vec![Frame::Nak {
             device_id: None,
+            epoch: None,
             seq: None,
             reason: rejected.reason.code().to_owned(),
         }],
@@ -189,15 +191,18 @@ fn nak_naming_a_seq_gets_it_resent_at_once() {
             vec![
                 Frame::Ack {
                     device_id: "PM-999999".to_owned(),
+                    epoch: None,
                     seq: r.seq,
                 },
                 ack(r.seq + 1_000_000),
                 Frame::Busy {
                     device_id: "PM-999999".to_owned(),
+                    epoch: None,
                     seq: r.seq,
                 },
                 Frame::Nak {
                     device_id: Some(DEVICE.to_owned()),
+                    epoch: None,
                     seq: Some(r.seq),
                     reason: "checksum".to_owned(),
                 },
@@ -272,6 +277,7 @@ fn busy_frame_is_kept_and_resent_after_ack_timeout() {
         Decoded::Frame(Frame::Reading(r)) if r.seq == 3 && seen.times_received(3) == 1 => {
             vec![Frame::Busy {
                 device_id: DEVICE.to_owned(),
+                epoch: None,
                 seq: 3,
             }]
         }

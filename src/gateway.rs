@@ -1,19 +1,27 @@
 //! The running gateway: opens the store, spawns the long-lived tasks in one
 //! place and waits for them within a grace period on shutdown.
+//!
+//! Every task runs until shutdown is requested. One that ends before that,
+//! with an error, with Ok, or by panicking, leaves hearth half-alive (a
+//! gateway that stores but never publishes is worse than one that is
+//! down), so it is fatal: it is logged at ERROR with the task's name and
+//! cause, the other tasks are cancelled, and `hearth run` exits non-zero,
+//! so that systemd (`Restart=always`) starts it again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
+use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::mqtt::publisher::Publisher;
 use crate::mqtt::tls;
-use crate::outbox::StoreHandle;
+use crate::outbox::{StoreError, StoreHandle};
 use crate::serial::reader::SerialReader;
 
 /// How long tasks get to finish after shutdown is requested.
@@ -25,6 +33,27 @@ pub struct Gateway {
     config: Arc<Config>,
 }
 
+/// A task that stopped on its own: why `hearth run` exits non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "task `{task}` stopped unexpectedly: {cause} (hearth exits so that its service manager restarts it)"
+)]
+pub struct TaskFailed {
+    pub task: &'static str,
+    pub cause: Ended,
+}
+
+/// How a task ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Ended {
+    #[error("it returned without an error")]
+    Returned,
+    #[error("{0}")]
+    Failed(String),
+    #[error("it panicked: {0}")]
+    Panicked(String),
+}
+
 impl Gateway {
     pub fn new(config: Config) -> Gateway {
         Gateway {
@@ -32,8 +61,9 @@ impl Gateway {
         }
     }
 
-    /// Runs until `shutdown` is cancelled. `ready` is called once the store
-    /// is open and the serial reader started (systemd's READY=1).
+    /// Runs until `shutdown` is cancelled, or until a task stops on its
+    /// own, which is returned as [`TaskFailed`]. `ready` is called once the
+    /// store is open and the serial reader started (systemd's READY=1).
     pub async fn run(
         self,
         shutdown: CancellationToken,
@@ -61,7 +91,10 @@ impl Gateway {
         }
         alarms.record(&store).await;
 
-        let tracker = TaskTracker::new();
+        // The tasks get a child token: a failed task cancels its siblings
+        // without pretending that a signal asked for it.
+        let stop = shutdown.child_token();
+        let mut tasks = Tasks::default();
         let reader = SerialReader::new(
             config.serial.port.clone(),
             config.serial.baud_rate,
@@ -69,45 +102,145 @@ impl Gateway {
             alarms.clone(),
         )
         .with_device_alarm(Duration::from_secs(config.serial.device_alarm_secs));
-        tracker.spawn(log_exit("serial reader", reader.run(shutdown.clone())));
+        tasks.spawn("serial reader", reader.run(stop.clone()));
         let publisher = Publisher::new(config.clone(), store.clone(), tls, alarms.clone());
-        tracker.spawn(log_exit("publisher", publisher.run(shutdown.clone())));
-        tracker.spawn(prune(config.clone(), store.clone(), shutdown.clone()));
-        tracker.close();
+        tasks.spawn("publisher", publisher.run(stop.clone()));
+        let pruner = Pruner::new(config.clone(), store.clone());
+        tasks.spawn("pruner", pruner.run(stop.clone()));
         ready();
         tracing::info!(gateway = %config.gateway_id, "Gateway running.");
 
-        shutdown.cancelled().await;
-        tracing::info!("Shutting down.");
-        if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
+        let failed = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            ended = tasks.next_end() => ended,
+        };
+        // A task may see the shutdown before this does: then it is no failure.
+        let failed = match failed {
+            Some(ended) if shutdown.is_cancelled() => {
+                ended.log_during_shutdown();
+                None
+            }
+            failed => failed,
+        };
+        match &failed {
+            Some(f) => tracing::error!(
+                task = f.task,
+                cause = %f.cause,
+                "Task stopped unexpectedly; stopping the others and exiting non-zero so that the service manager restarts hearth."
+            ),
+            None => tracing::info!("Shutting down."),
+        }
+        stop.cancel();
+        if tokio::time::timeout(GRACE, tasks.wait_all()).await.is_err() {
             tracing::warn!(grace = ?GRACE, "Tasks did not stop in time; exiting anyway.");
         }
-        Ok(())
+        match failed {
+            Some(f) => Err(f.into()),
+            None => Ok(()),
+        }
     }
 }
 
-async fn log_exit<E: std::fmt::Display>(
-    name: &'static str,
-    task: impl Future<Output = Result<(), E>>,
-) {
-    if let Err(e) = task.await {
-        tracing::error!(task = name, error = %e, "Task failed.");
+/// The long-lived tasks by name, so that whichever ends first can be named.
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<Result<(), String>>,
+    names: HashMap<Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn<E: std::fmt::Display>(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) {
+        let handle = self
+            .set
+            .spawn(async move { task.await.map_err(|e| e.to_string()) });
+        self.names.insert(handle.id(), name);
     }
+
+    /// Waits for the first task to end; `None` if there are none.
+    async fn next_end(&mut self) -> Option<TaskFailed> {
+        let joined = self.set.join_next_with_id().await?;
+        Some(self.ended(joined))
+    }
+
+    fn ended(&self, joined: Result<(Id, Result<(), String>), JoinError>) -> TaskFailed {
+        let (id, cause) = match joined {
+            Ok((id, Ok(()))) => (id, Ended::Returned),
+            Ok((id, Err(e))) => (id, Ended::Failed(e)),
+            Err(e) => (e.id(), Ended::Panicked(panic_message(e))),
+        };
+        let task = self.names.get(&id).copied().unwrap_or("unnamed");
+        TaskFailed { task, cause }
+    }
+
+    /// Waits for the others to end, logging any that failed meanwhile.
+    async fn wait_all(&mut self) {
+        while let Some(joined) = self.set.join_next_with_id().await {
+            self.ended(joined).log_during_shutdown();
+        }
+    }
+}
+
+impl TaskFailed {
+    /// A task ending after shutdown was requested is expected, unless it
+    /// failed on its way out.
+    fn log_during_shutdown(&self) {
+        match &self.cause {
+            Ended::Returned => {}
+            Ended::Failed(e) => {
+                tracing::warn!(task = self.task, error = %e, "Task ended with an error while stopping.")
+            }
+            Ended::Panicked(_) => {
+                tracing::error!(task = self.task, cause = %self.cause, "Task panicked while stopping.")
+            }
+        }
+    }
+}
+
+/// A panic's message, or why the task was cancelled.
+fn panic_message(e: JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let panic = e.into_panic();
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text payload".to_owned())
 }
 
 /// Deletes delivered readings older than the retention period, hourly.
-async fn prune(config: Arc<Config>, store: StoreHandle, shutdown: CancellationToken) {
-    let keep = chrono::Duration::days(config.store.retention_days.into());
-    loop {
-        let before = Utc::now() - keep;
-        match store.call(move |s| s.prune_delivered(before)).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(pruned = n, "Delivered readings past retention pruned."),
-            Err(e) => tracing::warn!(error = %e, "Pruning failed."),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+struct Pruner {
+    config: Arc<Config>,
+    store: StoreHandle,
+}
+
+impl Pruner {
+    fn new(config: Arc<Config>, store: StoreHandle) -> Pruner {
+        Pruner { config, store }
+    }
+
+    /// Runs until shutdown; a failed prune is retried next hour, but a store
+    /// whose thread has stopped is returned: nothing works without it.
+    async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let keep = chrono::Duration::days(self.config.store.retention_days.into());
+        loop {
+            let before = Utc::now() - keep;
+            match self.store.call(move |s| s.prune_delivered(before)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "Delivered readings past retention pruned."),
+                Err(StoreError::Closed) => return Err(StoreError::Closed),
+                Err(e) => tracing::warn!(error = %e, "Pruning failed."),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            }
         }
     }
 }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use hearth::serial::frame::{Decoded, Decoder, Frame, Kind, Priority, Reading};
+use hearth::reading::{Kind, Priority, Reading};
+use hearth::serial::frame::{Decoded, Decoder, Frame};
 
 use crate::harness::{GatewayOpts, Hearth, Rig, Sim, readings};
 use crate::support::{Subscriber, wait_for};

@@ -1,11 +1,11 @@
 //! kill -9 of `hearth run`: the broker publishes the will in time, a restart
 //! comes back online with a higher session, and nothing ACKed is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::harness::{GatewayOpts, Hearth, Rig, Sim, readings};
-use crate::support::Subscriber;
+use crate::support::{Subscriber, wait_for};
 
 #[test]
 fn kill9_publishes_the_will_and_a_restart_loses_nothing() {
@@ -104,17 +104,63 @@ fn kill9_publishes_the_will_and_a_restart_loses_nothing() {
     assert_eq!(rows.len(), 400);
 }
 
+/// How an aimed crash reaches its failpoint.
+#[derive(Debug, Clone, Copy)]
+enum Aim {
+    /// The third visit in the first run, so that some exchanges completed
+    /// before.
+    Third,
+    /// A first crash right after the first exchange was recorded leaves it
+    /// open in stage `publish`; the restart crashes at the point (between
+    /// its CONNECT and the CONNACK).
+    OnRestart,
+    /// The link is blackholed until two or more exchanges are open, hearth
+    /// is killed, and the restart crashes at the point (in the resume,
+    /// after some of the resumed packets were written).
+    OnResume,
+}
+
+fn aim(point: &str) -> Aim {
+    match point {
+        "connect-sent" => Aim::OnRestart,
+        "resume-partly-sent" => Aim::OnResume,
+        _ => Aim::Third,
+    }
+}
+
+/// Runs `hearth` with the failpoint `spec` until it aborts there.
+fn crash_at(hearth: &mut Hearth, spec: &str, restart: bool) {
+    let env = [("HEARTH_TEST_FAILPOINT", spec)];
+    if restart {
+        hearth.restart_with_env(&env);
+    }
+    let status = hearth.wait_exit(Duration::from_secs(30));
+    let point = spec.split(':').next().unwrap_or(spec);
+    assert!(!status.success(), "{spec}: hearth should have aborted");
+    assert!(
+        hearth
+            .log_text()
+            .contains(&format!("failpoint `{point}` reached")),
+        "{spec}: the failpoint was not reached\n{}",
+        hearth.log_text()
+    );
+}
+
 /// A crash at each window of the exactly-once protocol, aimed with a
 /// failpoint (`src/failpoint.rs`: the process aborts as kill -9 would),
-/// then a restart: every reading arrives exactly once, in order.
+/// then a restart: every reading arrives exactly once, in order. The
+/// windows of a reconnect (between CONNECT and CONNACK, and inside the
+/// resume) are reached with open exchanges left by an earlier crash.
 #[test]
 fn a_crash_in_every_window_of_the_protocol_loses_and_repeats_nothing() {
-    use crate::support::Receiver;
+    use crate::support::{FaultProxy, Receiver};
     for point in hearth::failpoint::POINTS {
         let id = format!("gw-fp-{}", point.replace('-', ""));
         let rig = Rig::new(&id);
+        let proxy = FaultProxy::start(([127, 0, 0, 1], rig.broker.port).into());
         let mut gw = GatewayOpts::new(&id);
         gw.batch = 4;
+        gw.mqtt_port = Some(proxy.port);
         let topics = [
             format!("hearth/v1/{id}/readings"),
             format!("hearth/v1/{id}/alerts"),
@@ -135,17 +181,43 @@ fn a_crash_in_every_window_of_the_protocol_loses_and_repeats_nothing() {
             "300",
         ]);
         let config = rig.config(&gw, &sim.pty);
-        // The third time, so that some exchanges completed before.
-        let spec = format!("{point}:3");
-        let mut hearth = Hearth::start_with_env(&config, &[("HEARTH_TEST_FAILPOINT", &spec)]);
-        let status = hearth.wait_exit(Duration::from_secs(30));
-        assert!(!status.success(), "{point}: hearth should have aborted");
-        assert!(
-            hearth
-                .log_text()
-                .contains(&format!("failpoint `{point}` reached")),
-            "{point}"
-        );
+        let mut hearth = match aim(point) {
+            Aim::Third => {
+                let spec = format!("{point}:3");
+                let mut hearth =
+                    Hearth::start_with_env(&config, &[("HEARTH_TEST_FAILPOINT", &spec)]);
+                crash_at(&mut hearth, &spec, false);
+                hearth
+            }
+            Aim::OnRestart => {
+                let first = "publish-recorded:1";
+                let mut hearth =
+                    Hearth::start_with_env(&config, &[("HEARTH_TEST_FAILPOINT", first)]);
+                crash_at(&mut hearth, first, false);
+                crash_at(&mut hearth, &format!("{point}:1"), true);
+                hearth
+            }
+            Aim::OnResume => {
+                let mut hearth = Hearth::start(&config);
+                assert!(
+                    receiver.wait_until(Duration::from_secs(20), |all| !all.is_empty()),
+                    "{point}: nothing arrived before the stall"
+                );
+                proxy.blackhole(true);
+                wait_for(Duration::from_secs(20), "two exchanges open", || {
+                    let pkids: HashSet<u64> = readings(&config, &["--state", "inflight"])
+                        .iter()
+                        .filter_map(|r| r["pkid"].as_u64())
+                        .collect();
+                    (pkids.len() >= 2).then_some(())
+                });
+                hearth.kill9();
+                proxy.blackhole(false);
+                proxy.cut_now();
+                crash_at(&mut hearth, &format!("{point}:1"), true);
+                hearth
+            }
+        };
 
         hearth.restart();
         let summary = sim.finish(Duration::from_secs(60));

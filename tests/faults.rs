@@ -1,7 +1,10 @@
 //! The faults beyond a crash: a broker that lost our session, a store that
-//! reaches its size cap, and a damaged database at start.
+//! reaches its size cap, a damaged database at start, a broker that leaves
+//! an exchange unanswered, and a task that dies.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -108,8 +111,12 @@ fn a_full_store_says_busy_keeps_draining_and_takes_readings_again() {
         "3000",
         "--interval-ms",
         "0",
+        // A 10 s resend timeout and the BUSY back-off (from 10 s
+        // doubling to 5 min), 50 times faster.
         "--ack-timeout-ms",
-        "200",
+        "10000",
+        "--time-scale",
+        "0.02",
         "--alert-rate",
         "0.05",
     ]);
@@ -366,4 +373,262 @@ fn after_a_long_outage_alerts_go_first_then_the_backlog_in_order() {
         "routine backlog out of order"
     );
     assert_eq!(seqs.len() as u64 + alerts, 400);
+}
+
+/// A fake for a fault no real broker produces, named as such: a broker that
+/// answers PINGREQ (and everything else) but never PUBREC. It sits between
+/// hearth and the real mosquitto, ends hearth's TLS with the broker's own
+/// certificate, opens its own TLS to mosquitto with the gateway's, passes
+/// every byte from hearth on, and reads the broker's MQTT packets to drop
+/// each PUBREC on every connection made before the first PUBREC was
+/// dropped (so on the first connection that carries one; later connections
+/// pass everything).
+struct PubrecSwallower {
+    port: u16,
+    swallowed: Arc<AtomicUsize>,
+    shutdown: tokio_util::sync::CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PubrecSwallower {
+    fn start(broker_port: u16, certs: &hearth::certs::DevCerts) -> PubrecSwallower {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        hearth::mqtt::tls::install_crypto_provider();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs.server_cert)
+            .expect("server certificate")
+            .collect::<Result<_, _>>()
+            .expect("server certificate");
+        let key = PrivateKeyDer::from_pem_file(&certs.server_key).expect("server key");
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server TLS config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let client = hearth::mqtt::tls::client_config(
+            &certs.ca_cert,
+            &certs.gateway_cert,
+            &certs.gateway_key,
+        )
+        .expect("gateway TLS config");
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind the fake");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let port = listener.local_addr().unwrap().port();
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let thread = {
+            let swallowed = Arc::clone(&swallowed);
+            let shutdown = shutdown.clone();
+            std::thread::spawn(move || {
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    loop {
+                        let (tcp, _) = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            a = listener.accept() => match a {
+                                Ok(a) => a,
+                                Err(_) => continue,
+                            },
+                        };
+                        let swallow = swallowed.load(Ordering::SeqCst) == 0;
+                        let (acceptor, connector) = (acceptor.clone(), connector.clone());
+                        let (swallowed, shutdown) = (Arc::clone(&swallowed), shutdown.clone());
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = Self::relay(tcp, broker_port, acceptor, connector, swallow, swallowed) => {}
+                            }
+                        });
+                    }
+                })
+            })
+        };
+        PubrecSwallower {
+            port,
+            swallowed,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    fn swallowed(&self) -> usize {
+        self.swallowed.load(Ordering::SeqCst)
+    }
+
+    async fn relay(
+        tcp: tokio::net::TcpStream,
+        broker_port: u16,
+        acceptor: tokio_rustls::TlsAcceptor,
+        connector: tokio_rustls::TlsConnector,
+        swallow: bool,
+        swallowed: Arc<AtomicUsize>,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let hearth_side = acceptor.accept(tcp).await?;
+        let upstream = tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let broker_side = connector.connect(name, upstream).await?;
+        let (mut from_hearth, mut to_hearth) = tokio::io::split(hearth_side);
+        let (mut from_broker, mut to_broker) = tokio::io::split(broker_side);
+        let up = async {
+            tokio::io::copy(&mut from_hearth, &mut to_broker).await?;
+            to_broker.shutdown().await
+        };
+        let down = async {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = from_broker.read(&mut chunk).await?;
+                if n == 0 {
+                    return to_hearth.shutdown().await;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                // Whole packets only: type byte, remaining length, body.
+                while let Some(len) = packet_len(&buf) {
+                    let packet: Vec<u8> = buf.drain(..len).collect();
+                    if swallow && packet[0] >> 4 == 5 {
+                        swallowed.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    to_hearth.write_all(&packet).await?;
+                }
+                to_hearth.flush().await?;
+            }
+        };
+        tokio::try_join!(up, down).map(drop)
+    }
+}
+
+/// The length of the MQTT packet at the start of `buf`, once all of it is there.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let total = 1 + i + 1 + remaining;
+            return (buf.len() >= total).then_some(total);
+        }
+    }
+    None
+}
+
+impl Drop for PubrecSwallower {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn an_exchange_the_broker_never_answers_is_finished_on_a_new_connection() {
+    let rig = Rig::new("gw-norec");
+    let fake = PubrecSwallower::start(rig.broker.port, &rig.certs);
+    let mut gw = GatewayOpts::new("gw-norec");
+    gw.mqtt_port = Some(fake.port);
+    let keep_alive = Duration::from_secs(gw.keep_alive.into());
+    let receiver = Receiver::start(
+        "127.0.0.1",
+        rig.broker.port,
+        &rig.certs,
+        "hospital-norec",
+        &["hearth/v1/gw-norec/readings", "hearth/v1/gw-norec/alerts"],
+    );
+    let sim = Sim::start(&["--count", "1", "--interval-ms", "0", "--alert-rate", "0"]);
+    let config = rig.config(&gw, &sim.pty);
+    let mut hearth_run = Hearth::start(&config);
+    sim.finish(Duration::from_secs(20));
+
+    // The PUBREC is swallowed while PINGRESPs come back: hearth gives the
+    // exchange two keep-alives, drops the link and finishes it on the next.
+    hearth_run.wait_log_count("no PUBREC from the broker", 1, keep_alive * 4);
+    assert!(fake.swallowed() >= 1);
+    let line = hearth_run
+        .log_text()
+        .lines()
+        .find(|l| l.contains("no PUBREC from the broker"))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains(" WARN "), "{line}");
+    let pkid: u16 = line
+        .split("packet id ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the warning names the packet id: {line}"));
+    let age: f64 = line
+        .split(" within ")
+        .nth(1)
+        .and_then(|v| v.split('s').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("the warning gives the age: {line}"));
+    assert!(
+        age >= 2.0 * keep_alive.as_secs_f64(),
+        "gave up after {age} s: {line}"
+    );
+    assert!(
+        receiver.wait_until(Duration::from_secs(20), |all| delivered_ids(all).len() == 1),
+        "the reading did not arrive after the reconnect"
+    );
+    // The resume used the same packet id: DUP=1 PUBLISH, then PUBREL.
+    assert!(
+        rig.broker.log().contains(&format!(
+            "Received PUBLISH from gw-norec (d1, q2, r0, m{pkid}"
+        )),
+        "{}",
+        rig.broker.log_tail(40)
+    );
+    // Counted after hearth stopped, so a late duplicate would show.
+    assert!(hearth_run.stop().success());
+    assert_eq!(
+        delivered_ids(&receiver.deliveries()),
+        vec!["gw-norec/PM-000001/1".to_owned()]
+    );
+}
+
+/// A task that ends before shutdown (here: panics, by a test-only
+/// failpoint) takes the whole process down with a non-zero exit and an
+/// ERROR naming it, so that systemd restarts it.
+#[test]
+fn a_task_that_panics_or_loses_its_store_exits_the_process_non_zero() {
+    for (point, task, cause) in [
+        (
+            "publisher-panics",
+            "task=\"publisher\"",
+            "cause=it panicked: failpoint `publisher-panics` reached",
+        ),
+        (
+            "store-thread-panics",
+            "task=\"publisher\"",
+            "cause=the store thread has stopped",
+        ),
+    ] {
+        let id = format!("gw-{}", point.replace('-', ""));
+        let rig = Rig::new(&id);
+        let gw = GatewayOpts::new(&id);
+        let sim = Sim::start(&["--count", "5", "--interval-ms", "0"]);
+        let config = rig.config(&gw, &sim.pty);
+        let mut hearth_run = Hearth::start_with_env(&config, &[("HEARTH_TEST_FAILPOINT", point)]);
+        let status = hearth_run.wait_exit(Duration::from_secs(30));
+        let log = hearth_run.log_text();
+        assert_eq!(status.code(), Some(1), "{point}: {status}\n{log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("Task stopped unexpectedly"))
+            .unwrap_or_else(|| panic!("{point}: no ERROR for the task\n{log}"));
+        assert!(line.contains(" ERROR "), "{point}: {line}");
+        assert!(line.contains(task), "{point}: {line}");
+        assert!(line.contains(cause), "{point}: {line}");
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("hearth: task `publisher` stopped unexpectedly"),
+            "{point}: the last line says why hearth exits: {last}"
+        );
+    }
 }

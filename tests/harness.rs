@@ -199,7 +199,16 @@ impl Hearth {
     }
 
     pub fn restart(&mut self) {
+        self.restart_with_env(&[]);
+    }
+
+    /// Restarts with extra environment variables, for this run only.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "hearth is still running");
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.spawn();
     }
 

@@ -66,12 +66,28 @@ impl Bench {
         }
     }
 
-    /// Sends frames and returns the next `n` answers.
+    /// Sends frames and returns the next `n` answers; panics after 10 s
+    /// without them (a device left waiting is a failure, not a hang).
     fn send(&mut self, frames: &[Vec<u8>], n: usize) -> Vec<Frame> {
         for f in frames {
             self.device.write_all(f).unwrap();
         }
-        answers(&mut self.device, &mut self.decoder, n)
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.device);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut poll = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis() as libc::c_int) };
+            assert!(ready > 0, "no answer within 10 s; got so far: {got:?}");
+            got.extend(answers(&mut self.device, &mut self.decoder, 1));
+        }
+        got
     }
 
     /// Waits until the hospital has `n` readings; returns them by arrival.

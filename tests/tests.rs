@@ -1,13 +1,16 @@
 //! All integration tests, compiled into one binary (`autotests = false`).
 
+mod ack_latency;
 mod bad_input;
 mod chaos;
 mod config;
 mod crash;
+mod device_behaviour;
 mod e2e;
 mod faults;
 mod harness;
 mod ingest;
+mod slow_link;
 mod support;
 mod support_kit_selftest;
 mod support_selftest;

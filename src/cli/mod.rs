@@ -110,13 +110,13 @@ pub struct SimulateArgs {
     /// The implant's serial number.
     #[arg(long, default_value = "PM-000001")]
     pub device_id: String,
-    /// Readings to get ACKed before exiting.
+    /// Readings each device gets ACKed before exiting.
     #[arg(long, default_value_t = 100)]
     pub count: u64,
     /// Milliseconds between new readings (0: as fast as ACKs allow).
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
-    /// First sequence number.
+    /// First sequence number (0 allowed), and again after each reboot.
     #[arg(long, default_value_t = 1)]
     pub start_seq: u32,
     #[arg(long, default_value_t = 1)]
@@ -124,12 +124,43 @@ pub struct SimulateArgs {
     /// Share of readings that are arrhythmia alerts.
     #[arg(long, default_value_t = 0.02)]
     pub alert_rate: f64,
-    /// Most frames sent and not yet ACKed.
+    /// Most frames per device sent and not yet ACKed.
     #[arg(long, default_value_t = 8)]
     pub window: usize,
-    /// Resend a frame not ACKed within this many milliseconds.
+    /// Resend a frame not ACKed within this many milliseconds (times
+    /// `--time-scale`; the protocol suggests 5000).
     #[arg(long, default_value_t = 1000)]
     pub ack_timeout_ms: u64,
+    /// Factor on the resend timeout, the BUSY back-off (10 s doubling to
+    /// 5 min) and the NAK resend floor (50 ms), e.g. 0.01 for tests.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    pub time_scale: f64,
+    /// Devices on the port, ids `{device-id}-1` to `-N`, each with its own
+    /// count; their readings interleave.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub devices: u32,
+    /// Speak protocol v1.1: send seqs as `E:SEQ`, starting at epoch E and
+    /// raising it at each reboot (without it: v1, plain seqs).
+    #[arg(long, value_name = "E")]
+    pub epoch: Option<u32>,
+    /// Reboot once N readings of the boot are ACKed: count again from
+    /// `--start-seq`, keeping and resending the readings not yet ACKed.
+    #[arg(long, value_name = "N")]
+    pub restart_every: Option<u64>,
+    /// Hold every Nth reading back and send it late (see `--late-by`).
+    #[arg(long, value_name = "N")]
+    pub late_every: Option<u64>,
+    /// A reading held back is sent once K later readings are ACKed.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    pub late_by: u64,
+    /// Share of ACKs the device never hears (lost on the line); it resends
+    /// those readings after its timeout.
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    pub drop_ack_rate: f64,
+    /// List every ACKed reading's frame in the JSON summary
+    /// (`acked_frames`), for tests that check each one arrived.
+    #[arg(long)]
+    pub list_acked: bool,
     /// Fault: share of frames with one corrupted byte.
     #[arg(long, default_value_t = 0.0)]
     pub corrupt_rate: f64,
@@ -229,7 +260,7 @@ fn run_gateway(c: &ConfigArg) -> anyhow::Result<()> {
 }
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    use crate::simulator::{Faults, PortSpec, SimulatorOptions};
+    use crate::simulator::{Behaviour, Faults, PortSpec, SimulatorOptions};
     init_logging("warn");
     let opts = SimulatorOptions {
         device_id: args.device_id,
@@ -246,7 +277,19 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             truncate_rate: args.truncate_rate,
         },
     };
-    opts.validate().map_err(|e| UsageError(e.to_string()))?;
+    let behaviour = Behaviour {
+        devices: args.devices,
+        epoch: args.epoch,
+        restart_every: args.restart_every,
+        late_every: args.late_every,
+        late_by: args.late_by,
+        drop_ack_rate: args.drop_ack_rate,
+        time_scale: args.time_scale,
+        list_acked: args.list_acked,
+    };
+    opts.validate()
+        .and_then(|()| behaviour.validate(&opts.device_id))
+        .map_err(|e| UsageError(e.to_string()))?;
     let port = match args.port {
         Some(p) => PortSpec::Path(p, args.baud_rate),
         None => PortSpec::Pty,
@@ -257,9 +300,10 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         // SIGINT/SIGTERM end the run early with a summary of what was ACKed.
         let _ = ctrlc_like(move || stop.store(true, std::sync::atomic::Ordering::SeqCst));
     }
-    let summary = crate::simulator::run(
+    let summary = crate::simulator::run_with(
         port,
         &opts,
+        &behaviour,
         &mut |path| {
             println!("pty: {path}");
             use std::io::Write;
@@ -270,20 +314,13 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
-        println!(
-            "summary: device={} acked={} sent={} resent={} naks={} busy={} alerts={} corrupted={} garbage={} truncated={} elapsed_ms={}",
-            summary.device_id,
-            summary.acked,
-            summary.sent,
-            summary.resent,
-            summary.naks,
-            summary.busy,
-            summary.alerts,
-            summary.corrupted,
-            summary.garbage,
-            summary.truncated,
-            summary.elapsed_ms
-        );
+        // One line per device, then the totals if there are several.
+        for device in &summary.devices {
+            println!("{device}");
+        }
+        if summary.devices.len() > 1 {
+            println!("{summary}");
+        }
     }
     Ok(())
 }

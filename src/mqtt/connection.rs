@@ -5,6 +5,12 @@
 //! before its caller can record PUBREC, and keeps in-flight state only in
 //! memory. Here every packet is written only when the publisher says so,
 //! after the store has committed what the packet implies.
+//!
+//! Timeouts measure progress, not totals: a write fails only when no byte
+//! has moved for the I/O timeout (each write call is bounded, not the whole
+//! packet), so a slow link that keeps moving is never cut for being slow.
+//! rustls buffers at most [`TLS_BUFFER`] bytes, so a write call returns only
+//! once the socket has taken bytes, and the final flush has little to push.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +30,8 @@ const MAX_INCOMING: usize = 64 * 1024;
 pub const MAX_OUTGOING: usize = 256 * 1024;
 /// Longest each closing step may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most bytes rustls holds before a write waits for the socket.
+const TLS_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -41,15 +49,15 @@ pub enum ConnectionError {
     ServerName(String),
     #[error("broker refused the connection: {0:?}")]
     Refused(ConnectReturnCode),
-    #[error("broker answered CONNECT with {0:?}, not CONNACK")]
-    NoConnAck(Box<Packet>),
+    #[error("broker answered CONNECT with a {0} packet, not CONNACK")]
+    NoConnAck(&'static str),
     #[error("connection lost: {0}")]
     Io(#[from] std::io::Error),
     #[error("broker closed the connection")]
     Closed,
     #[error("malformed packet from broker: {0:?}")]
     Protocol(rumqttc::Error),
-    #[error("timed out after {0:?}")]
+    #[error("no progress for {0:?}")]
     Timeout(Duration),
 }
 
@@ -91,12 +99,13 @@ impl Connection {
         tcp.set_nodelay(true)?;
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| ConnectionError::ServerName(host.to_owned()))?;
-        let stream = timeout(io_timeout, TlsConnector::from(tls).connect(name, tcp))
+        let mut stream = timeout(io_timeout, TlsConnector::from(tls).connect(name, tcp))
             .await?
             .map_err(|source| ConnectionError::Tls {
                 host: host.to_owned(),
                 source,
             })?;
+        stream.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
         Ok(Connection {
             stream,
             read_buf: BytesMut::with_capacity(4096),
@@ -108,10 +117,16 @@ impl Connection {
     /// CONNECT, then waits for CONNACK.
     pub async fn connect(&mut self, connect: Connect) -> Result<ConnAck, ConnectionError> {
         self.send(&[Packet::Connect(connect)]).await?;
+        self.connack().await
+    }
+
+    /// Waits (bounded by the I/O timeout) for the CONNACK to a CONNECT
+    /// already written.
+    pub async fn connack(&mut self) -> Result<ConnAck, ConnectionError> {
         match timeout(self.io_timeout, self.read()).await?? {
             Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(ack),
             Packet::ConnAck(ack) => Err(ConnectionError::Refused(ack.code)),
-            other => Err(ConnectionError::NoConnAck(Box::new(other))),
+            other => Err(ConnectionError::NoConnAck(kind(&other))),
         }
     }
 
@@ -130,20 +145,44 @@ impl Connection {
         }
     }
 
-    /// Writes and flushes packets, bounded by the I/O timeout (a broker that
-    /// stops reading must not stall the gateway).
-    pub async fn send(&mut self, packets: &[Packet]) -> Result<(), ConnectionError> {
+    /// Writes and flushes packets. Each write call is bounded by the I/O
+    /// timeout, not the whole: a broker that stops reading stalls the
+    /// gateway for at most that long, a slow link that keeps taking bytes
+    /// never fails. Returns the bytes of MQTT written.
+    pub async fn send(&mut self, packets: &[Packet]) -> Result<usize, ConnectionError> {
         self.write_buf.clear();
         for p in packets {
             p.write(&mut self.write_buf, MAX_OUTGOING)
                 .map_err(ConnectionError::Protocol)?;
         }
-        let io = async {
-            self.stream.write_all(&self.write_buf).await?;
-            self.stream.flush().await
-        };
-        timeout(self.io_timeout, io).await??;
-        Ok(())
+        let mut written = 0;
+        while written < self.write_buf.len() {
+            let n = timeout(
+                self.io_timeout,
+                self.stream.write(&self.write_buf[written..]),
+            )
+            .await??;
+            if n == 0 {
+                return Err(ConnectionError::Closed);
+            }
+            written += n;
+        }
+        timeout(self.io_timeout, self.stream.flush()).await??;
+        Ok(written)
+    }
+
+    /// Bytes written to the socket that the peer has not yet acknowledged
+    /// (Linux `SIOCOUTQ`), or `None` where the kernel does not say. A queue
+    /// that shrinks shows the link is moving even while no packet arrives,
+    /// e.g. while one large PUBLISH crawls over a slow uplink.
+    pub fn unsent(&self) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.get_ref().0.as_raw_fd();
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one c_int through the pointer,
+        // which points at a live c_int; `fd` is our open socket.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        (rc == 0).then(|| usize::try_from(queued).unwrap_or(0))
     }
 
     /// Sends DISCONNECT and closes TLS, within about a second; errors are
@@ -152,6 +191,27 @@ impl Connection {
         self.io_timeout = self.io_timeout.min(CLOSE_TIMEOUT);
         let _ = self.send(&[Packet::Disconnect]).await;
         let _ = timeout(self.io_timeout, self.stream.shutdown()).await;
+    }
+}
+
+/// A packet's type, for messages: never its content (a PUBLISH carries
+/// patient data).
+fn kind(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
     }
 }
 

@@ -13,6 +13,7 @@
 //!    exchange is finished first with the same packet id: PUBLISH with DUP=1
 //!    in stage `publish`, PUBREL in stage `release`. Which of the two is
 //!    chosen depends only on our record, never on when the broker forwards.
+//!    No new exchange starts before every resumed packet is written.
 //! 5. Without the broker's session (CONNACK `session_present = false`) the
 //!    open exchanges are void: their readings are queued again (WARN, counted)
 //!    and the receiver deduplicates by reading id.
@@ -20,20 +21,36 @@
 //!    its CONNACK in one transaction. If a CONNACK was never seen (crash or
 //!    cut in between), that CONNECT may have met a broker that had lost our
 //!    session and made an empty one, which answers any PUBREL with PUBCOMP.
-//!    MQTT 3.1.1 cannot tell that from our own session. A broker that keeps
-//!    sessions (the normal case, and all the faults the tests inject) cannot
-//!    have done it, so the session is trusted; once a broker is seen to lose
-//!    a session, hearth remembers it and from then on queues the readings
-//!    of exchanges past PUBREC again after a missed CONNACK: a possible
-//!    duplicate (deduplicated by id) rather than a possible loss.
+//!    MQTT 3.1.1 cannot tell that from our own session, so after any unseen
+//!    CONNACK the readings of exchanges past PUBREC are queued again (WARN,
+//!    counted) even when the next CONNACK says the session is present: a
+//!    possible duplicate (deduplicated by id) rather than a possible loss.
+//!    Their PUBRELs are still sent, so the broker's state is finished too.
 //! 7. PUBCOMP counts only for an exchange past PUBREC; a PUBREC for an id we
 //!    have no record of is not released (that could deliver twice) and the id
 //!    stays unused on that connection.
 //!
+//! Liveness, on links of any speed (none of it touches the invariants):
+//! - The link is judged by progress, not by totals: it is dead only when a
+//!   PINGREQ is outstanding and for a whole keep-alive no packet came from
+//!   the broker and our socket's send queue did not shrink. Every write is
+//!   bounded per call (`connection.rs`), never per packet.
+//! - Unacknowledged PUBLISH bytes are held to an adaptive `Budget`, so
+//!   the acks (and the PINGRESP queued behind our data) come back within a
+//!   fraction of the keep-alive even over a few kbit/s; a batch is cut to
+//!   the largest prefix that fits it, and resumed PUBLISHes (which cannot be
+//!   re-split) go out one by one as it allows.
+//! - An exchange the broker does not answer is bounded: no PUBREC (or
+//!   PUBCOMP) within `UNANSWERED_AFTER` (2) keep-alives of its packet being
+//!   written, while a later PINGREQ was answered, drops the connection
+//!   (WARN with the packet id and the age); the resume finishes it.
+//! - A store whose thread has died ([`StoreError::Closed`]) is fatal: `run`
+//!   returns the error and the gateway exits, so systemd restarts it.
+//!
 //! Alerts go before routine readings, and two exchanges are kept free for
 //! them, so an alert never waits behind a routine backlog.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,8 +65,8 @@ use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
 use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::failpoint;
-use crate::outbox::{Connack, StoreError, StoreHandle};
-use crate::serial::frame::Priority;
+use crate::outbox::{Connack, Queued, StoreError, StoreHandle};
+use crate::reading::Priority;
 
 /// Exchanges kept free for alerts when routine readings fill the window.
 const RESERVED_FOR_ALERTS: usize = 2;
@@ -65,6 +82,17 @@ const SESSION_ESTABLISHED: &str = "established";
 const SESSION_KEY: &str = "broker_session";
 /// How long a shutdown waits for the broker to acknowledge the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
+/// An exchange unanswered this many keep-alives after its packet was
+/// written (while the broker answers later packets) drops the connection.
+const UNANSWERED_AFTER: u32 = 2;
+/// Bytes of a PUBLISH besides topic and payload: fixed header (at most 5),
+/// topic length (2) and packet id (2).
+const PUBLISH_OVERHEAD: usize = 9;
+/// No reading takes fewer bytes than this in a batch, so a budget of B bytes
+/// never needs more than B / this readings fetched to be filled.
+const MIN_READING_BYTES: usize = 64;
+/// Less room than this in the budget is not worth a store query.
+const MIN_ROOM: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -72,15 +100,46 @@ pub enum PublishError {
     Link(#[from] ConnectionError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("no PINGRESP from the broker within {0:?}")]
+    #[error("no PINGRESP, nor any other sign of progress, from the broker within {0:?}")]
     PingTimeout(Duration),
+    #[error(
+        "no {awaited} from the broker for packet id {pkid} within {age:.1?} of its {sent}, though it answers other packets; reconnecting to finish the exchange"
+    )]
+    Unanswered {
+        pkid: u16,
+        age: Duration,
+        sent: &'static str,
+        awaited: &'static str,
+    },
+}
+
+impl PublishError {
+    /// Errors that a reconnect cannot cure: the process must restart.
+    fn is_fatal(&self) -> bool {
+        matches!(self, PublishError::Store(StoreError::Closed))
+    }
+}
+
+/// An open QoS 2 exchange on the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Open {
+    /// PUBREC recorded: PUBREL sent, PUBCOMP awaited.
+    released: bool,
+    /// The PUBLISH's size, counted against the budget until PUBREC.
+    bytes: usize,
+    /// When its last packet (PUBLISH or PUBREL) was written; `None` for a
+    /// resumed PUBLISH still waiting for room in the budget.
+    written: Option<Instant>,
+    /// It was cut to the budget or filled it: its latency says whether the
+    /// budget may grow.
+    limited: bool,
 }
 
 /// What an open packet id is used for on the current connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     /// A QoS 2 exchange recorded in the store.
-    Readings { released: bool },
+    Readings(Open),
     /// A QoS 1 status message, not recorded (a new one is sent on connect).
     Status,
     /// An id the broker holds without our record: never used on this link.
@@ -93,17 +152,141 @@ enum Flow {
     Again,
 }
 
+/// The most unacknowledged PUBLISH bytes (and the largest PUBLISH) allowed
+/// on a connection, adapted to the link by AIMD on the PUBLISH→PUBREC
+/// latency against a target of a quarter keep-alive: halved when an ack is
+/// slower, doubled when it is four times faster and the budget was what
+/// limited the packet; at most one change per round trip (only a packet
+/// written after the last change may cause the next). Between
+/// [`Budget::FLOOR`] and [`Budget::CEILING`]. Each connection starts at the
+/// floor: its link may not be the last one's.
+///
+/// Why it matters: the broker answers in order, so every byte queued ahead
+/// of a PINGREQ or an ack delays it. With the budget near the link's rate
+/// times the target, acks keep arriving and mosquitto 2.0.11, which counts
+/// a packet as keep-alive activity only while more than 1000 of its bytes
+/// are still to come or once it is complete (`lib/packet_mosq.c`), sees
+/// every packet finish well within 1.5 keep-alives.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    bytes: usize,
+    target: Duration,
+    changed: Instant,
+}
+
+impl Budget {
+    /// A few readings: one always fits, whatever the link.
+    const FLOOR: usize = 1024;
+    const CEILING: usize = MAX_PAYLOAD;
+
+    fn new(keep_alive: Duration, now: Instant) -> Budget {
+        Budget {
+            bytes: Self::FLOOR,
+            target: keep_alive / 4,
+            changed: now,
+        }
+    }
+
+    /// A PUBREC came `now`, for a PUBLISH written at `sent`. Returns the
+    /// new budget if it changed.
+    fn sample(&mut self, sent: Instant, limited: bool, now: Instant) -> Option<usize> {
+        if sent < self.changed {
+            return None;
+        }
+        let latency = now.saturating_duration_since(sent);
+        let before = self.bytes;
+        if latency > self.target {
+            self.bytes = (self.bytes / 2).max(Self::FLOOR);
+        } else if limited && latency < self.target / 4 {
+            self.bytes = self.bytes.saturating_mul(2).min(Self::CEILING);
+        } else {
+            return None;
+        }
+        self.changed = now;
+        (self.bytes != before).then_some(self.bytes)
+    }
+}
+
+/// The bytes a PUBLISH of `payload` bytes to `topic` takes on the wire.
+fn publish_size(topic: &str, payload: usize) -> usize {
+    topic.len() + payload + PUBLISH_OVERHEAD
+}
+
+/// The largest `n` in `0..=len` with `fits(n)`, for a `fits` that holds up
+/// to some `n` and not beyond (`fits(0)` is taken as true). Asks `fits`
+/// about log2(len) times, trying `len` first.
+fn longest_prefix(len: usize, mut fits: impl FnMut(usize) -> bool) -> usize {
+    if len == 0 || fits(len) {
+        return len;
+    }
+    let (mut yes, mut no) = (0, len);
+    while no - yes > 1 {
+        let mid = yes + (no - yes) / 2;
+        if fits(mid) {
+            yes = mid;
+        } else {
+            no = mid;
+        }
+    }
+    yes
+}
+
+/// Cuts `batch` to its longest prefix whose PUBLISH fits `room` bytes (at
+/// least one reading if `at_least_one`) and returns that prefix's payload;
+/// `None` if not even one reading fits and one is not required.
+fn cut_to_fit(
+    gateway: &str,
+    topic: &str,
+    batch: &mut Vec<Queued>,
+    room: usize,
+    at_least_one: bool,
+) -> Option<Vec<u8>> {
+    let fits = |n: usize| publish_size(topic, payload::batch(gateway, &batch[..n]).len()) <= room;
+    let n = match longest_prefix(batch.len(), fits) {
+        0 if at_least_one => 1,
+        0 => return None,
+        n => n,
+    };
+    batch.truncate(n);
+    Some(payload::batch(gateway, batch))
+}
+
+/// What [`Publisher::fill`] took from the store for one new exchange.
+enum Taken {
+    /// Nothing queued (that this exchange may carry).
+    Nothing,
+    /// Queued readings, but none fits the room left in the budget.
+    NoRoom,
+    Batch {
+        topic: String,
+        body: Vec<u8>,
+        readings: usize,
+        limited: bool,
+    },
+}
+
 pub struct Publisher {
     config: Arc<Config>,
     store: StoreHandle,
     tls: Arc<ClientConfig>,
     alarms: Alarms,
     slots: BTreeMap<u16, Slot>,
+    /// Resumed PUBLISHes (DUP=1) not yet written, oldest first.
+    resend: VecDeque<Publish>,
     next_pkid: u16,
     /// False once the store said there is nothing queued; set again by the
     /// store's notification.
     backlog_hint: bool,
+    budget: Budget,
     ping_sent: Option<Instant>,
+    /// When the most recently answered PINGREQ was written: the broker has
+    /// read everything written before it.
+    ping_answered: Option<Instant>,
+    /// The last time the link was seen to move: a packet arrived, or our
+    /// send queue shrank.
+    progress: Instant,
+    /// Our socket's send queue at the last look.
+    unsent: Option<usize>,
     /// A CONNACK was seen on the current connection.
     connected: bool,
     /// The store refused a new exchange (logged once until it takes one).
@@ -117,23 +300,30 @@ impl Publisher {
         tls: Arc<ClientConfig>,
         alarms: Alarms,
     ) -> Publisher {
+        let budget = Budget::new(config.keep_alive(), Instant::now());
         Publisher {
             config,
             store,
             tls,
             alarms,
             slots: BTreeMap::new(),
+            resend: VecDeque::new(),
             next_pkid: 1,
             backlog_hint: true,
+            budget,
             ping_sent: None,
+            ping_answered: None,
+            progress: Instant::now(),
+            unsent: None,
             connected: false,
             store_full: false,
         }
     }
 
     /// Connects, serves, reconnects with capped jittered backoff; returns
-    /// on shutdown. A store error drops the link (nothing unrecorded is ever
-    /// written) and is retried like a link error.
+    /// Ok on shutdown. A link error or a failed store call drops the link
+    /// (nothing unrecorded is ever written) and is retried; a store whose
+    /// thread has stopped is returned as an error, as a retry cannot cure it.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), PublishError> {
         let min = Duration::from_millis(self.config.mqtt.reconnect_min_ms);
         let max = Duration::from_secs(self.config.mqtt.reconnect_max_secs);
@@ -147,6 +337,9 @@ impl Publisher {
                 Ok(Flow::Again) => continue,
                 Err(e) => e,
             };
+            if error.is_fatal() {
+                return Err(error);
+            }
             if matches!(error, PublishError::Store(_)) {
                 tracing::error!(error = %error, "Store failed; dropping the broker link.");
             } else if self.connected {
@@ -199,7 +392,11 @@ impl Publisher {
         connect.clean_session = !established;
         let connack = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Flow::Stop),
-            r = conn.connect(connect) => match r {
+            r = async {
+                conn.send(&[Packet::Connect(connect)]).await?;
+                failpoint::hit("connect-sent");
+                conn.connack().await
+            } => match r {
                 Ok(ack) => ack,
                 Err(e @ ConnectionError::Refused(_)) => {
                     self.store.call(move |s| s.connect_refused(unseen)).await?;
@@ -311,12 +508,19 @@ impl Publisher {
         session: u64,
         shutdown: &CancellationToken,
     ) -> Result<(), PublishError> {
+        let now = Instant::now();
         self.slots.clear();
+        self.resend.clear();
+        self.budget = Budget::new(self.config.keep_alive(), now);
         self.ping_sent = None;
+        self.ping_answered = None;
+        self.progress = now;
+        self.unsent = None;
         self.backlog_hint = true;
         self.resume(conn).await?;
         self.publish_status(conn, Reason::Connected, session)
             .await?;
+        self.test_faults().await?;
 
         let keep_alive = self.config.keep_alive();
         let mut ping = tokio::time::interval(keep_alive / 2);
@@ -334,16 +538,17 @@ impl Publisher {
                     self.goodbye(conn, session).await;
                     return Ok(());
                 }
-                packet = conn.read() => self.handle(conn, packet?).await?,
+                packet = conn.read() => {
+                    let packet = packet?;
+                    self.progress = Instant::now();
+                    self.handle(conn, packet).await?;
+                }
                 _ = self.store.queued() => self.backlog_hint = true,
                 _ = ping.tick() => {
                     // Also a periodic recheck, e.g. after the store was full.
                     self.backlog_hint = true;
-                    if let Some(sent) = self.ping_sent {
-                        if sent.elapsed() >= keep_alive {
-                            return Err(PublishError::PingTimeout(keep_alive));
-                        }
-                    } else {
+                    self.check_liveness(conn)?;
+                    if self.ping_sent.is_none() {
                         conn.send(&[Packet::PingReq]).await?;
                         self.ping_sent = Some(Instant::now());
                     }
@@ -358,38 +563,148 @@ impl Publisher {
         }
     }
 
+    /// Fails the connection if the link stopped moving, or if the broker
+    /// answers later packets but leaves an exchange unanswered.
+    fn check_liveness(&mut self, conn: &Connection) -> Result<(), PublishError> {
+        let keep_alive = self.config.keep_alive();
+        let now = Instant::now();
+        // A shrinking send queue is progress too: a large packet crawling
+        // over a slow uplink holds back the broker's answers, not the link.
+        let unsent = conn.unsent();
+        if let (Some(before), Some(after)) = (self.unsent, unsent)
+            && after < before
+        {
+            self.progress = now;
+        }
+        self.unsent = unsent;
+        if let Some(sent) = self.ping_sent
+            && now.saturating_duration_since(sent.max(self.progress)) >= keep_alive
+        {
+            return Err(PublishError::PingTimeout(keep_alive));
+        }
+        let Some(answered) = self.ping_answered else {
+            return Ok(());
+        };
+        let bound = keep_alive * UNANSWERED_AFTER;
+        let oldest = self
+            .slots
+            .iter()
+            .filter_map(|(pkid, slot)| match slot {
+                Slot::Readings(open) => open.written.map(|w| (*pkid, w, open.released)),
+                _ => None,
+            })
+            // The broker has read it: a PINGREQ written later was answered.
+            .filter(|(_, written, _)| *written < answered)
+            .min_by_key(|(_, written, _)| *written);
+        match oldest {
+            Some((pkid, written, released)) if now.saturating_duration_since(written) >= bound => {
+                Err(PublishError::Unanswered {
+                    pkid,
+                    age: now.saturating_duration_since(written),
+                    sent: if released { "PUBREL" } else { "PUBLISH" },
+                    awaited: if released { "PUBCOMP" } else { "PUBREC" },
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Test-only faults (`src/failpoint.rs`): a panic in this task, or a
+    /// store thread that dies under it.
+    async fn test_faults(&self) -> Result<(), PublishError> {
+        failpoint::panic_at("publisher-panics");
+        if failpoint::armed("store-thread-panics") {
+            self.store
+                .call(|_| -> Result<(), StoreError> {
+                    panic!("failpoint `store-thread-panics` reached: panicking as a bug would")
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Finishes what the store says is open (invariant 4), oldest first,
-    /// before anything new is sent.
+    /// before anything new is sent: PUBRELs at once, each in its own write;
+    /// PUBLISHes (DUP=1) queued for [`Publisher::send_resumed`], which
+    /// writes them one by one as the budget allows. A resumed PUBLISH is
+    /// never re-split: the broker may hold it under its packet id.
     async fn resume(&mut self, conn: &mut Connection) -> Result<(), PublishError> {
         let open = self.store.call(|s| s.open_exchanges()).await?;
         if open.is_empty() {
             return Ok(());
         }
         tracing::info!(open = open.len(), "Resuming open QoS 2 exchanges.");
-        let mut packets = Vec::with_capacity(open.len());
-        for ex in &open {
-            self.slots.insert(
-                ex.pkid,
-                Slot::Readings {
-                    released: ex.released,
-                },
-            );
-            packets.push(if ex.released {
-                Packet::PubRel(PubRel::new(ex.pkid))
-            } else {
-                let body = payload::batch(&self.config.gateway_id, &ex.readings);
-                let mut p = Publish::new(ex.topic.clone(), QoS::ExactlyOnce, body);
-                p.pkid = ex.pkid;
-                p.dup = true;
-                Packet::Publish(p)
-            });
-        }
         let pkids: Vec<u16> = open.iter().map(|e| e.pkid).collect();
         self.store
             .call(move |s| pkids.iter().try_for_each(|p| s.exchange_resent(*p)))
             .await?;
-        conn.send(&packets).await?;
+        let mut releases = Vec::new();
+        for ex in open {
+            let mut open = Open {
+                released: ex.released,
+                bytes: 0,
+                written: None,
+                limited: false,
+            };
+            if ex.released {
+                releases.push(ex.pkid);
+            } else {
+                let body = payload::batch(&self.config.gateway_id, &ex.readings);
+                open.bytes = publish_size(&ex.topic, body.len());
+                let mut p = Publish::new(ex.topic, QoS::ExactlyOnce, body);
+                p.pkid = ex.pkid;
+                p.dup = true;
+                self.resend.push_back(p);
+            }
+            self.slots.insert(ex.pkid, Slot::Readings(open));
+        }
+        for (i, pkid) in releases.iter().enumerate() {
+            conn.send(&[Packet::PubRel(PubRel::new(*pkid))]).await?;
+            self.mark_written(*pkid);
+            if i + 1 < releases.len() || !self.resend.is_empty() {
+                failpoint::hit("resume-partly-sent");
+            }
+        }
+        self.send_resumed(conn).await
+    }
+
+    /// Writes queued resumed PUBLISHes while the budget has room for them.
+    async fn send_resumed(&mut self, conn: &mut Connection) -> Result<(), PublishError> {
+        while let Some(p) = self.resend.front() {
+            let bytes = publish_size(&p.topic, p.payload.len());
+            let in_flight = self.in_flight();
+            if in_flight > 0 && in_flight + bytes > self.budget.bytes {
+                return Ok(());
+            }
+            let p = self.resend.pop_front().expect("a front");
+            let pkid = p.pkid;
+            conn.send(&[Packet::Publish(p)]).await?;
+            self.mark_written(pkid);
+            if let Some(Slot::Readings(open)) = self.slots.get_mut(&pkid) {
+                open.limited = in_flight + bytes > self.budget.bytes / 2;
+            }
+            if !self.resend.is_empty() {
+                failpoint::hit("resume-partly-sent");
+            }
+        }
         Ok(())
+    }
+
+    fn mark_written(&mut self, pkid: u16) {
+        if let Some(Slot::Readings(open)) = self.slots.get_mut(&pkid) {
+            open.written = Some(Instant::now());
+        }
+    }
+
+    /// PUBLISH bytes written and not yet answered with PUBREC.
+    fn in_flight(&self) -> usize {
+        self.slots
+            .values()
+            .map(|slot| match slot {
+                Slot::Readings(open) if !open.released && open.written.is_some() => open.bytes,
+                _ => 0,
+            })
+            .sum()
     }
 
     /// The next free packet id, round robin over 1..=65535.
@@ -403,17 +718,29 @@ impl Publisher {
         }
     }
 
-    /// Starts new exchanges while the window has room: alerts first.
+    /// Starts new exchanges while the window and the budget have room:
+    /// alerts first, each batch cut to the room left.
     async fn fill(&mut self, conn: &mut Connection) -> Result<(), PublishError> {
+        self.send_resumed(conn).await?;
+        if !self.resend.is_empty() {
+            return Ok(());
+        }
         let window = self.config.mqtt.max_inflight as usize;
         let batch_max = self.config.mqtt.batch_max_readings;
         while self.backlog_hint {
             let open = self
                 .slots
                 .values()
-                .filter(|s| matches!(s, Slot::Readings { .. }))
+                .filter(|s| matches!(s, Slot::Readings(_)))
                 .count();
             if open >= window {
+                return Ok(());
+            }
+            let budget = self.budget.bytes;
+            let in_flight = self.in_flight();
+            let room = budget.saturating_sub(in_flight);
+            if in_flight > 0 && room < MIN_ROOM {
+                // A PUBREC frees room and calls this again.
                 return Ok(());
             }
             let routine_allowed = open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
@@ -421,27 +748,35 @@ impl Publisher {
             let gateway = self.config.gateway_id.clone();
             let alerts = self.config.topic("alerts");
             let readings = self.config.topic("readings");
+            let at_least_one = in_flight == 0;
+            let limit = batch_max.min(room / MIN_READING_BYTES + 1);
             let taken = match self
                 .store
                 .call(move |s| {
-                    let mut batch = s.next_queued(Priority::Alert, batch_max)?;
+                    let mut batch = s.next_queued(Priority::Alert, limit)?;
                     let mut topic = alerts;
                     if batch.is_empty() && routine_allowed {
-                        batch = s.next_queued(Priority::Routine, batch_max)?;
+                        batch = s.next_queued(Priority::Routine, limit)?;
                         topic = readings;
                     }
                     if batch.is_empty() {
-                        return Ok(None);
+                        return Ok(Taken::Nothing);
                     }
-                    let mut body = payload::batch(&gateway, &batch);
-                    // Long ids can make a full batch too large for one packet.
-                    while body.len() > MAX_PAYLOAD && batch.len() > 1 {
-                        batch.truncate(batch.len() / 2);
-                        body = payload::batch(&gateway, &batch);
-                    }
+                    let fetched = batch.len();
+                    let Some(body) = cut_to_fit(&gateway, &topic, &mut batch, room, at_least_one)
+                    else {
+                        return Ok(Taken::NoRoom);
+                    };
+                    let size = publish_size(&topic, body.len());
+                    let limited = batch.len() < fetched || in_flight + size > budget / 2;
                     let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
                     s.begin_exchange(pkid, &topic, &ids, Utc::now())?;
-                    Ok(Some((topic, body, ids.len())))
+                    Ok(Taken::Batch {
+                        topic,
+                        body,
+                        readings: ids.len(),
+                        limited,
+                    })
                 })
                 .await
             {
@@ -459,18 +794,34 @@ impl Publisher {
                 Err(e) => return Err(e.into()),
             };
             self.store_full = false;
-            let Some((topic, body, n)) = taken else {
-                if routine_allowed {
-                    self.backlog_hint = false;
+            let (topic, body, n, limited) = match taken {
+                Taken::Batch {
+                    topic,
+                    body,
+                    readings,
+                    limited,
+                } => (topic, body, readings, limited),
+                Taken::NoRoom => return Ok(()),
+                Taken::Nothing => {
+                    if routine_allowed {
+                        self.backlog_hint = false;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
             };
-            tracing::debug!(pkid, readings = n, %topic, "Publishing.");
+            tracing::debug!(pkid, readings = n, bytes = body.len(), %topic, "Publishing.");
             failpoint::hit("publish-recorded");
-            self.slots.insert(pkid, Slot::Readings { released: false });
+            let open = Open {
+                released: false,
+                bytes: publish_size(&topic, body.len()),
+                written: None,
+                limited,
+            };
+            self.slots.insert(pkid, Slot::Readings(open));
             let mut p = Publish::new(topic, QoS::ExactlyOnce, body);
             p.pkid = pkid;
             conn.send(&[Packet::Publish(p)]).await?;
+            self.mark_written(pkid);
             failpoint::hit("publish-sent");
         }
         Ok(())
@@ -480,8 +831,18 @@ impl Publisher {
         match packet {
             Packet::PubRec(rec) => {
                 let pkid = rec.pkid;
-                match self.slots.get(&pkid) {
-                    Some(Slot::Readings { released: false }) => {
+                match self.slots.get(&pkid).copied() {
+                    Some(Slot::Readings(open)) if !open.released => {
+                        if let Some(sent) = open.written
+                            && let Some(budget) =
+                                self.budget.sample(sent, open.limited, Instant::now())
+                        {
+                            tracing::debug!(
+                                budget,
+                                latency_ms = sent.elapsed().as_millis() as u64,
+                                "Send budget adapted to the link."
+                            );
+                        }
                         if !self.store.call(move |s| s.exchange_released(pkid)).await? {
                             tracing::warn!(
                                 pkid,
@@ -490,9 +851,17 @@ impl Publisher {
                             self.slots.insert(pkid, Slot::Blocked);
                             return Ok(());
                         }
-                        self.slots.insert(pkid, Slot::Readings { released: true });
+                        // A PUBREC before its resumed PUBLISH went out: the
+                        // broker holds it already, and after PUBREL it must
+                        // never be written again (invariant 2).
+                        self.resend.retain(|p| p.pkid != pkid);
+                        let open = Open {
+                            released: true,
+                            ..open
+                        };
+                        self.slots.insert(pkid, Slot::Readings(open));
                     }
-                    Some(Slot::Readings { released: true }) => {}
+                    Some(Slot::Readings(_)) => {}
                     Some(Slot::Status | Slot::Blocked) => {
                         tracing::warn!(
                             pkid,
@@ -514,11 +883,12 @@ impl Publisher {
                 }
                 failpoint::hit("release-recorded");
                 conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
+                self.mark_written(pkid);
                 failpoint::hit("pubrel-sent");
             }
             Packet::PubComp(comp) => {
                 let pkid = comp.pkid;
-                if let Some(Slot::Readings { released: true }) = self.slots.get(&pkid) {
+                if let Some(Slot::Readings(Open { released: true, .. })) = self.slots.get(&pkid) {
                     failpoint::hit("pubcomp-received");
                     let n = self
                         .store
@@ -536,10 +906,10 @@ impl Publisher {
                     self.slots.remove(&ack.pkid);
                 }
             }
-            Packet::PingResp => self.ping_sent = None,
+            Packet::PingResp => self.ping_answered = self.ping_sent.take().or(self.ping_answered),
             Packet::PubRel(rel) => {
                 conn.send(&[Packet::PubComp(rumqttc::PubComp::new(rel.pkid))])
-                    .await?
+                    .await?;
             }
             other => tracing::debug!(packet = ?other, "Unexpected packet from broker; ignored."),
         }
@@ -554,7 +924,9 @@ impl Publisher {
     ) -> Result<u16, PublishError> {
         let (counts, seen) = self
             .store
-            .call(|s| Ok((s.counts()?, s.last_heard()?)))
+            // On the report connection: however large the store, the
+            // heartbeat never delays a serial ACK.
+            .read(|s| Ok((s.counts()?, s.last_heard()?)))
             .await?;
         let backlog = Backlog {
             alert: counts.queued_alert,
@@ -631,6 +1003,68 @@ mod tests {
             assert!(d <= max, "{d:?}");
             let exp = min.saturating_mul(1u32 << attempt.min(20)).min(max);
             assert!(d >= exp / 2, "{d:?}");
+        }
+    }
+
+    const KEEP_ALIVE: Duration = Duration::from_secs(8);
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn budget_starts_at_the_floor_and_doubles_once_per_round_on_fast_acks() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(KEEP_ALIVE, t0);
+        assert_eq!(b.bytes, Budget::FLOOR);
+        // Two fast acks of packets written in the same round: one doubling.
+        assert_eq!(
+            b.sample(t0 + MS, true, t0 + 5 * MS),
+            Some(2 * Budget::FLOOR)
+        );
+        assert_eq!(b.sample(t0 + 2 * MS, true, t0 + 6 * MS), None);
+        // A packet written after the change may change it again.
+        assert_eq!(
+            b.sample(t0 + 7 * MS, true, t0 + 9 * MS),
+            Some(4 * Budget::FLOOR)
+        );
+        // A fast ack of a packet the budget did not limit says nothing.
+        assert_eq!(b.sample(t0 + 10 * MS, false, t0 + 11 * MS), None);
+        assert_eq!(b.bytes, 4 * Budget::FLOOR);
+    }
+
+    #[test]
+    fn budget_halves_on_slow_acks_down_to_the_floor_and_stops_at_the_ceiling() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(KEEP_ALIVE, t0);
+        b.bytes = 64 * 1024;
+        let slow = KEEP_ALIVE / 4 + MS;
+        assert_eq!(b.sample(t0, true, t0 + slow), Some(32 * 1024));
+        // Written before the halving: already accounted for.
+        assert_eq!(b.sample(t0 + MS, true, t0 + slow + MS), None);
+        let mut t = t0 + slow + MS;
+        for _ in 0..10 {
+            b.sample(t, true, t + slow);
+            t += slow + MS;
+        }
+        assert_eq!(b.bytes, Budget::FLOOR);
+        // Between a quarter of the target and the target: held.
+        assert_eq!(b.sample(t, true, t + KEEP_ALIVE / 8), None);
+        b.bytes = Budget::CEILING;
+        t += KEEP_ALIVE;
+        assert_eq!(b.sample(t, true, t + MS), None);
+        assert_eq!(b.bytes, Budget::CEILING);
+    }
+
+    #[test]
+    fn longest_prefix_finds_the_largest_fitting_count() {
+        for len in 0..40 {
+            for limit in 0..=len + 1 {
+                let mut asked = 0;
+                let n = longest_prefix(len, |n| {
+                    asked += 1;
+                    n <= limit
+                });
+                assert_eq!(n, limit.min(len), "len {len} limit {limit}");
+                assert!(asked <= 2 + (len as f64).log2().ceil() as usize, "{asked}");
+            }
         }
     }
 }

@@ -1286,6 +1286,40 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_1_store_is_migrated_and_its_readings_still_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let r = |seq| reading(seq, Priority::Routine);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0].1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            for seq in [1, 2] {
+                conn.execute(
+                    "INSERT INTO readings (device, seq, kind, value, unit, priority, detail,
+                     device_time, received_at) VALUES ('PM-1', ?1, 'heart_rate', 70.0, 'bpm',
+                     'routine', NULL, ?2, 0)",
+                    params![seq, to_ms(r(seq).device_time)],
+                )
+                .unwrap();
+            }
+            conn.execute("INSERT INTO devices VALUES ('PM-1', 2)", [])
+                .unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        let now = Utc::now();
+        // A resend of a reading stored by hearth 0.1 is still a resend, and
+        // the count goes on where it was.
+        assert_eq!(
+            store.commit_serial("p", &[r(2), r(3)], &[], now).unwrap(),
+            [Insert::Duplicate, Insert::Stored(crate::outbox::Flag::None)]
+        );
+        let device = &store.devices().unwrap()[0];
+        assert_eq!((device.high, device.run), (Some(3), 0));
+        assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 3);
+    }
+
+    #[test]
     fn session_counter_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");

@@ -45,8 +45,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
-use crate::reading::unknown;
-pub use crate::reading::{Kind, Priority, Reading};
+use crate::reading::{Kind, Priority, Reading, unknown};
 
 /// Longest frame the decoder accepts, from `$` through `\n` inclusive.
 pub const MAX_FRAME_LEN: usize = 256;
@@ -781,7 +780,87 @@ mod tests {
                 ),
                 "$R,ICD-0042,7,2025-03-01T08:33:00.000Z,af_burden,3.2,%,routine*2A7E\r\n",
             ),
+            // v1.1: the boot epoch in the seq field, echoed by the answers.
+            (
+                Frame::Reading(Reading {
+                    epoch: Some(3),
+                    ..reading(
+                        8,
+                        "2025-03-01T08:34:00Z",
+                        Kind::HeartRate,
+                        70.0,
+                        Priority::Routine,
+                    )
+                }),
+                "$R,ICD-0042,3:8,2025-03-01T08:34:00.000Z,heart_rate,70,bpm,routine*B8B4\r\n",
+            ),
+            (
+                Frame::Ack {
+                    device_id: "ICD-0042".into(),
+                    epoch: Some(3),
+                    seq: 8,
+                },
+                "$A,ICD-0042,3:8*C2E4\r\n",
+            ),
+            (
+                Frame::Nak {
+                    device_id: Some("ICD-0042".into()),
+                    epoch: Some(3),
+                    seq: Some(7),
+                    reason: "missing".into(),
+                },
+                "$N,ICD-0042,3:7,missing*B55A\r\n",
+            ),
+            (
+                Frame::Busy {
+                    device_id: "ICD-0042".into(),
+                    epoch: Some(3),
+                    seq: 8,
+                },
+                "$B,ICD-0042,3:8*4F47\r\n",
+            ),
+            (
+                Frame::Nak {
+                    device_id: Some("ICD-0042".into()),
+                    epoch: None,
+                    seq: Some(9),
+                    reason: "gap".into(),
+                },
+                "$N,ICD-0042,9,gap*FA65\r\n",
+            ),
+            (
+                r(
+                    0,
+                    "2025-03-01T08:30:00Z",
+                    Kind::HeartRate,
+                    72.0,
+                    Priority::Routine,
+                ),
+                "$R,ICD-0042,0,2025-03-01T08:30:00.000Z,heart_rate,72,bpm,routine*723D\r\n",
+            ),
         ]
+    }
+
+    #[test]
+    fn a_bad_epoch_is_an_invalid_seq() {
+        for body in [
+            "A,ICD-0042,:8",
+            "A,ICD-0042,x:8",
+            "A,ICD-0042,3:",
+            "A,ICD-0042,1:2:3",
+            "A,ICD-0042,4294967296:1",
+        ] {
+            let frame = format!("${body}*{:04X}\r\n", crc16(body.as_bytes()));
+            let mut d = Decoder::new();
+            d.extend(frame.as_bytes());
+            match d.next() {
+                Some(Decoded::Rejected(Rejected {
+                    reason: RejectReason::InvalidField { field, .. },
+                    ..
+                })) => assert_eq!(field, "seq", "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,315 +1,347 @@
-//! The simulated device's send/ACK loop: one thread, one blocking port.
+//! One simulated device's send/ACK state: its count, its boot epoch, the
+//! readings it holds until ACKed and the ones it holds back to send late.
 //!
-//! Each turn of the loop sends new readings while the window has room and the
-//! interval has passed, resends every outstanding frame whose deadline has
-//! come, then reads the gateway's answers for up to [`READ_TIMEOUT`]. A frame
-//! is removed from the window only by an ACK for its seq (see the guarantee
-//! in [`super`]). Line trouble that a device would live with (no reader yet,
-//! a full pty buffer, a hangup) is not an error: the frame stays outstanding
-//! and is resent on its timeout.
+//! A reading leaves [`Device`] only by an ACK for its (epoch, seq) that the
+//! device heard (see the guarantee in [`super`]). It is sent again: at once
+//! after a reboot; on a NAK naming it, at once but never sooner than
+//! [`Behaviour::nak_resend_min`] after its last transmission; after the
+//! BUSY back-off; and when no answer came within the resend timeout.
+//! A device never makes a new reading whose (epoch, seq) it still holds (a
+//! v1 device after a reboot), since it could not tell their ACKs apart.
 
-use std::io::{self, Read, Write};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serialport::{SerialPort, TTYPort};
 use tracing::{debug, trace};
 
-use super::faults::{FaultInjector, Injected};
+use super::behaviour::Behaviour;
+use super::faults::Injected;
+use super::line::Line;
 use super::patient::Patient;
-use super::{PortSpec, SimulatorError, SimulatorOptions, Summary};
-use crate::serial::frame::{Decoded, Decoder, Frame, MAX_FRAME_LEN, Priority};
+use super::{SimulatorError, SimulatorOptions, Summary};
+use crate::reading::Priority;
+use crate::serial::frame::Frame;
 
-/// How long one read waits for the gateway: the loop's time granularity.
-pub const READ_TIMEOUT: Duration = Duration::from_millis(20);
-
-/// Keeps the fault stream independent of the patient's for the same seed.
-const FAULT_SEED_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// serialport's own tests say creating pty pairs concurrently is unsafe.
-static PTY_CREATION: Mutex<()> = Mutex::new(());
-
-/// Creates a pseudo-terminal pair `(master, slave)`, one at a time.
-pub fn pty_pair() -> Result<(TTYPort, TTYPort), SimulatorError> {
-    let _guard = PTY_CREATION.lock().unwrap_or_else(|e| e.into_inner());
-    TTYPort::pair().map_err(SimulatorError::Pty)
-}
-
-/// Runs the simulated device on `port` until `opts.count` readings are ACKed
-/// or `stop` is set (then returns the summary so far).
-///
-/// For [`PortSpec::Pty`] it creates a pty pair and keeps both ends open for
-/// the whole run, so the gateway may open and close the slave freely without
-/// the master seeing a hangup. `on_ready` gets the path the gateway should
-/// open (the slave, or the given path) before the first frame is sent.
-pub fn run(
-    port: PortSpec,
-    opts: &SimulatorOptions,
-    on_ready: &mut dyn FnMut(&str),
-    stop: &AtomicBool,
-) -> Result<Summary, SimulatorError> {
-    opts.validate()?;
-    match port {
-        PortSpec::Path(path, baud) => {
-            let path = path.to_string_lossy().into_owned();
-            let port = serialport::new(&path, baud)
-                .timeout(READ_TIMEOUT)
-                .open()
-                .map_err(|e| SimulatorError::open(&path, e))?;
-            on_ready(&path);
-            run_on(port, opts, stop)
-        }
-        PortSpec::Pty => {
-            let (master, slave) = pty_pair()?;
-            let Some(slave_path) = slave.name() else {
-                let error =
-                    serialport::Error::new(serialport::ErrorKind::Unknown, "the slave has no path");
-                return Err(SimulatorError::Pty(error));
-            };
-            on_ready(&slave_path);
-            let summary = run_on(Box::new(master), opts, stop);
-            drop(slave);
-            summary
-        }
-    }
-}
-
-/// Runs the simulated device on an already open port (see [`run`]).
-pub fn run_on(
-    mut port: Box<dyn SerialPort>,
-    opts: &SimulatorOptions,
-    stop: &AtomicBool,
-) -> Result<Summary, SimulatorError> {
-    opts.validate()?;
-    let port_name = port.name().unwrap_or_else(|| "pty master".to_owned());
-    port.set_timeout(READ_TIMEOUT)
-        .map_err(|e| SimulatorError::Read {
-            port: port_name.clone(),
-            source: e.into(),
-        })?;
-    let mut device = Device {
-        port,
-        port_name,
-        opts,
-        patient: Patient::new(opts.seed, opts.alert_rate),
-        faults: FaultInjector::new(opts.faults.clone(), opts.seed ^ FAULT_SEED_MIX),
-        decoder: Decoder::new(),
-        window: Vec::with_capacity(opts.window),
-        next_seq: opts.start_seq,
-        next_reading_at: Instant::now(),
-        hung_up: false,
-        summary: Summary {
-            device_id: opts.device_id.clone(),
-            ..Summary::default()
-        },
-    };
-    let started = Instant::now();
-    let result = device.run(stop);
-    device.summary.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    result.map(|()| device.summary)
-}
-
-/// A frame sent and not yet ACKed.
+/// A reading sent and not yet ACKed.
 struct Outstanding {
+    epoch: Option<u32>,
     seq: u32,
+    /// Order of making, across reboots: what "later" means for late readings.
+    made: u64,
+    /// The boot it was made in.
+    boot: u64,
     /// The frame as encoded, never damaged: what a resend sends.
     frame: Vec<u8>,
+    last_sent: Instant,
     resend_at: Instant,
+    /// BUSY answers for it in a row.
+    busy: u32,
 }
 
-struct Device<'a> {
-    port: Box<dyn SerialPort>,
-    port_name: String,
+/// A reading made but held back to be sent late.
+struct HeldBack {
+    epoch: Option<u32>,
+    seq: u32,
+    made: u64,
+    boot: u64,
+    frame: Vec<u8>,
+    alert: bool,
+    /// Readings made after it and ACKed since.
+    later_acked: u64,
+}
+
+pub struct Device<'a> {
+    /// Index on the line, for [`Line::transmit`].
+    index: usize,
+    pub id: String,
     opts: &'a SimulatorOptions,
+    behaviour: &'a Behaviour,
     patient: Patient,
-    faults: FaultInjector,
-    decoder: Decoder,
-    window: Vec<Outstanding>,
+    epoch: Option<u32>,
     next_seq: u32,
     next_reading_at: Instant,
-    /// The other end is gone (EIO, hangup); logged once per outage.
-    hung_up: bool,
-    summary: Summary,
+    made: u64,
+    /// Reboots so far.
+    boot: u64,
+    /// Readings made in this boot and ACKed.
+    acked_this_boot: u64,
+    window: Vec<Outstanding>,
+    held_back: Vec<HeldBack>,
+    pub summary: Summary,
 }
 
-impl Device<'_> {
-    fn run(&mut self, stop: &AtomicBool) -> Result<(), SimulatorError> {
-        while self.summary.acked < self.opts.count && !stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            self.resend_due(now)?;
-            self.send_new(now)?;
-            self.read_answers()?;
+impl<'a> Device<'a> {
+    pub fn new(
+        index: usize,
+        id: String,
+        opts: &'a SimulatorOptions,
+        behaviour: &'a Behaviour,
+        now: Instant,
+    ) -> Self {
+        // Device 0 keeps the patient a single-device run always had.
+        let seed = opts.seed.wrapping_add(index as u64);
+        Device {
+            index,
+            summary: Summary {
+                device_id: id.clone(),
+                ..Summary::default()
+            },
+            id,
+            opts,
+            behaviour,
+            patient: Patient::new(seed, opts.alert_rate),
+            epoch: behaviour.epoch,
+            next_seq: opts.start_seq,
+            next_reading_at: now,
+            made: 0,
+            boot: 0,
+            acked_this_boot: 0,
+            window: Vec::with_capacity(opts.window),
+            held_back: Vec::new(),
         }
-        Ok(())
     }
 
-    fn send_new(&mut self, now: Instant) -> Result<(), SimulatorError> {
-        while self.summary.sent < self.opts.count
-            && self.window.len() < self.opts.window
-            && now >= self.next_reading_at
-        {
-            let seq = self.next_seq;
-            self.next_seq = seq.wrapping_add(1);
-            let reading = self
-                .patient
-                .next_reading(&self.opts.device_id, seq, chrono::Utc::now());
-            if matches!(reading.priority, Priority::Alert) {
-                self.summary.alerts += 1;
-            }
-            trace!(seq, kind = reading.kind.as_str(), "New reading.");
-            let frame = Frame::Reading(reading).encode();
-            self.summary.sent += 1;
-            self.transmit(&frame)?;
-            self.window.push(Outstanding {
-                seq,
-                frame,
-                resend_at: now + self.opts.ack_timeout,
-            });
-            self.next_reading_at = now + self.opts.interval;
-        }
-        Ok(())
+    /// All `count` readings are ACKed.
+    pub fn done(&self) -> bool {
+        self.summary.acked >= self.opts.count
     }
 
-    fn resend_due(&mut self, now: Instant) -> Result<(), SimulatorError> {
+    /// Resends every reading whose time has come.
+    pub fn resend_due(&mut self, now: Instant, line: &mut Line) -> Result<(), SimulatorError> {
         for i in 0..self.window.len() {
             if self.window[i].resend_at <= now {
-                debug!(seq = self.window[i].seq, "No ACK in time: resending.");
-                self.resend(i, now)?;
+                debug!(seq = self.window[i].seq, "Resending.");
+                self.summary.resent += 1;
+                self.transmit(i, now, line)?;
             }
         }
         Ok(())
     }
 
-    fn resend(&mut self, index: usize, now: Instant) -> Result<(), SimulatorError> {
-        self.summary.resent += 1;
-        let frame = std::mem::take(&mut self.window[index].frame);
-        let result = self.transmit(&frame);
-        let outstanding = &mut self.window[index];
-        outstanding.frame = frame;
-        outstanding.resend_at = now + self.opts.ack_timeout;
-        result
+    /// Makes one new reading if the window, the interval and the count
+    /// allow; sends it unless it is held back. True if one was made.
+    pub fn make_reading(&mut self, now: Instant, line: &mut Line) -> Result<bool, SimulatorError> {
+        if !self.may_make() || self.window.len() >= self.opts.window || now < self.next_reading_at {
+            return Ok(false);
+        }
+        let seq = self.next_seq;
+        self.next_seq = seq.wrapping_add(1);
+        self.made += 1;
+        self.next_reading_at = now + self.opts.interval;
+        let mut reading = self.patient.next_reading(&self.id, seq, chrono::Utc::now());
+        reading.epoch = self.epoch;
+        let alert = matches!(reading.priority, Priority::Alert);
+        trace!(seq, kind = reading.kind.as_str(), "New reading.");
+        let frame = Frame::Reading(reading).encode();
+        if self
+            .behaviour
+            .late_every
+            .is_some_and(|n| self.made.is_multiple_of(n))
+        {
+            debug!(seq, "Holding a reading back to send it late.");
+            self.held_back.push(HeldBack {
+                epoch: self.epoch,
+                seq,
+                made: self.made,
+                boot: self.boot,
+                frame,
+                alert,
+                later_acked: 0,
+            });
+        } else {
+            let made = (self.made, self.boot);
+            self.send_first(self.epoch, seq, made, frame, alert, now, line)?;
+        }
+        Ok(true)
     }
 
-    /// Puts one transmission of `frame` on the line, faults included.
-    fn transmit(&mut self, frame: &[u8]) -> Result<(), SimulatorError> {
-        let (bytes, injected) = self.faults.apply(frame);
+    /// Sends the readings held back long enough (or that nothing is left to
+    /// wait for), while the window has room.
+    pub fn send_late(&mut self, now: Instant, line: &mut Line) -> Result<(), SimulatorError> {
+        while self.window.len() < self.opts.window {
+            let idle = self.window.is_empty() && !self.may_make();
+            let Some(i) = self
+                .held_back
+                .iter()
+                .position(|h| idle || h.later_acked >= self.behaviour.late_by)
+            else {
+                break;
+            };
+            let h = self.held_back.remove(i);
+            debug!(seq = h.seq, "Sending a reading late.");
+            self.summary.late_sent += 1;
+            self.send_first(
+                h.epoch,
+                h.seq,
+                (h.made, h.boot),
+                h.frame,
+                h.alert,
+                now,
+                line,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// An ACK from the gateway; `lost` draws whether the line ate it.
+    pub fn on_ack(
+        &mut self,
+        epoch: Option<u32>,
+        seq: u32,
+        now: Instant,
+        lost: &mut dyn FnMut() -> bool,
+    ) {
+        let Some(i) = self.position(epoch, seq) else {
+            debug!(seq, "ACK for a seq not outstanding: ignored.");
+            return;
+        };
+        if lost() {
+            debug!(seq, "ACK lost on the line (simulated): the reading stays.");
+            self.summary.dropped_acks += 1;
+            return;
+        }
+        let acked = self.window.remove(i);
+        trace!(seq, "ACKed.");
+        self.summary.acked += 1;
+        if self.behaviour.list_acked {
+            let frame = String::from_utf8_lossy(&acked.frame);
+            self.summary.acked_frames.push(frame.trim_end().to_owned());
+        }
+        self.acked_this_boot += u64::from(acked.boot == self.boot);
+        for h in &mut self.held_back {
+            if acked.made > h.made {
+                h.later_acked += 1;
+            }
+        }
+        // A reboot with no reading left to make would change nothing.
+        if self
+            .behaviour
+            .restart_every
+            .is_some_and(|n| self.acked_this_boot >= n)
+            && self.made < self.opts.count
+        {
+            self.reboot(now);
+        }
+    }
+
+    /// A NAK naming this device. `seq` (with `epoch`) is the reading to
+    /// resend: the rejected one, or for `missing` the one the gateway wants.
+    pub fn on_nak(&mut self, epoch: Option<u32>, seq: Option<u32>, reason: &str, now: Instant) {
+        self.summary.naks += 1;
+        debug!(?seq, %reason, "NAK.");
+        // A NAK without a seq names no frame: the timeouts recover it.
+        let Some(seq) = seq else { return };
+        match self.position(epoch, seq) {
+            Some(i) => {
+                let o = &mut self.window[i];
+                let soonest = o.last_sent + self.behaviour.nak_resend_min();
+                o.resend_at = o.resend_at.min(soonest.max(now));
+            }
+            None if self
+                .held_back
+                .iter()
+                .any(|h| h.epoch == epoch && h.seq == seq) =>
+            {
+                debug!(
+                    seq,
+                    "The gateway asks for a reading held back: it comes late."
+                );
+            }
+            None => debug!(seq, %reason, "NAK for a seq not held: ignored."),
+        }
+    }
+
+    /// A BUSY: keep the reading and back off (protocol rule 7).
+    pub fn on_busy(&mut self, epoch: Option<u32>, seq: u32, now: Instant) {
+        let Some(i) = self.position(epoch, seq) else {
+            return;
+        };
+        self.summary.busy += 1;
+        let o = &mut self.window[i];
+        o.busy += 1;
+        let wait = self.behaviour.busy_backoff(o.busy);
+        debug!(seq, ?wait, "BUSY: keeping the reading for later.");
+        o.resend_at = now + wait;
+    }
+
+    /// The device restarts: its count starts again, a v1.1 device raises its
+    /// epoch, and every reading not yet ACKed is kept and resent at once.
+    fn reboot(&mut self, now: Instant) {
+        self.summary.restarts += 1;
+        self.boot += 1;
+        self.acked_this_boot = 0;
+        self.next_seq = self.opts.start_seq;
+        self.epoch = self.epoch.map(|e| e.saturating_add(1));
+        debug!(
+            epoch = ?self.epoch,
+            kept = self.window.len() + self.held_back.len(),
+            "Device reboots."
+        );
+        for o in &mut self.window {
+            o.resend_at = now;
+        }
+    }
+
+    /// A new reading may be made: the count is not reached and its
+    /// (epoch, seq) is not held already.
+    fn may_make(&self) -> bool {
+        self.made < self.opts.count
+            && self.position(self.epoch, self.next_seq).is_none()
+            && !self
+                .held_back
+                .iter()
+                .any(|h| h.epoch == self.epoch && h.seq == self.next_seq)
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "the parts of one reading")]
+    fn send_first(
+        &mut self,
+        epoch: Option<u32>,
+        seq: u32,
+        (made, boot): (u64, u64),
+        frame: Vec<u8>,
+        alert: bool,
+        now: Instant,
+        line: &mut Line,
+    ) -> Result<(), SimulatorError> {
+        self.summary.sent += 1;
+        self.summary.alerts += u64::from(alert);
+        self.window.push(Outstanding {
+            epoch,
+            seq,
+            made,
+            boot,
+            frame,
+            last_sent: now,
+            resend_at: now,
+            busy: 0,
+        });
+        self.transmit(self.window.len() - 1, now, line)
+    }
+
+    /// Puts window entry `i` on the line and sets its next resend.
+    fn transmit(&mut self, i: usize, now: Instant, line: &mut Line) -> Result<(), SimulatorError> {
+        let timeout = self.resend_timeout();
+        let o = &mut self.window[i];
+        o.last_sent = now;
+        o.resend_at = now + timeout;
         let Injected {
             corrupted,
             garbage,
             truncated,
-        } = injected;
+        } = line.transmit(self.index, &o.frame)?;
         self.summary.corrupted += u64::from(corrupted);
         self.summary.garbage += u64::from(garbage);
         self.summary.truncated += u64::from(truncated);
-        match self.port.write_all(&bytes) {
-            Ok(()) => Ok(()),
-            // Nobody reading, or the buffer full: the frame stays outstanding.
-            Err(e) if is_transient(&e) => {
-                self.note_hangup(&e);
-                Ok(())
-            }
-            Err(source) => Err(SimulatorError::Write {
-                port: self.port_name.clone(),
-                source,
-            }),
-        }
-    }
-
-    fn read_answers(&mut self) -> Result<(), SimulatorError> {
-        // The decoder stays bounded when fed at most MAX_FRAME_LEN per drain.
-        let mut buf = [0u8; MAX_FRAME_LEN];
-        match self.port.read(&mut buf) {
-            Ok(0) => std::thread::sleep(READ_TIMEOUT),
-            Ok(n) => {
-                self.hung_up = false;
-                self.decoder.extend(&buf[..n]);
-                while let Some(decoded) = self.decoder.next() {
-                    self.handle(decoded);
-                }
-            }
-            Err(e) if is_nothing_to_read(&e) => {}
-            Err(e) if is_transient(&e) => {
-                // A hangup returns at once: wait as a read would have.
-                self.note_hangup(&e);
-                std::thread::sleep(READ_TIMEOUT);
-            }
-            Err(source) => {
-                return Err(SimulatorError::Read {
-                    port: self.port_name.clone(),
-                    source,
-                });
-            }
-        }
         Ok(())
     }
 
-    fn handle(&mut self, decoded: Decoded) {
-        let now = Instant::now();
-        let opts = self.opts;
-        let ours = |id: &str| id == opts.device_id;
-        match decoded {
-            Decoded::Frame(Frame::Ack { device_id, seq, .. }) if ours(&device_id) => {
-                match self.position(seq) {
-                    Some(i) => {
-                        self.window.remove(i);
-                        self.summary.acked += 1;
-                        trace!(seq, "ACKed.");
-                    }
-                    None => debug!(seq, "ACK for a seq not outstanding: ignored."),
-                }
-            }
-            Decoded::Frame(Frame::Nak {
-                device_id,
-                seq,
-                reason,
-                ..
-            }) if device_id.as_deref().is_none_or(ours) => {
-                self.summary.naks += 1;
-                debug!(?seq, %reason, "NAK.");
-                // A NAK without a seq names no frame: the timeouts recover it.
-                if let Some(i) = seq.and_then(|seq| self.position(seq)) {
-                    // Errors surface on the next transmit; a NAK is no place to stop.
-                    let _ = self.resend(i, now);
-                }
-            }
-            Decoded::Frame(Frame::Busy { device_id, seq, .. }) if ours(&device_id) => {
-                if let Some(i) = self.position(seq) {
-                    self.summary.busy += 1;
-                    debug!(seq, "BUSY: keeping the frame for later.");
-                    self.window[i].resend_at = now + self.opts.ack_timeout;
-                }
-            }
-            Decoded::Frame(other) => debug!(?other, "Ignored a frame not for this device."),
-            Decoded::Rejected(rejected) => debug!(?rejected, "Ignored a garbled answer."),
-        }
+    fn resend_timeout(&self) -> Duration {
+        self.behaviour.scaled(self.opts.ack_timeout)
     }
 
-    fn position(&self, seq: u32) -> Option<usize> {
-        self.window.iter().position(|o| o.seq == seq)
+    fn position(&self, epoch: Option<u32>, seq: u32) -> Option<usize> {
+        self.window
+            .iter()
+            .position(|o| o.epoch == epoch && o.seq == seq)
     }
-
-    fn note_hangup(&mut self, error: &io::Error) {
-        if !self.hung_up && error.kind() != io::ErrorKind::TimedOut {
-            debug!(port = %self.port_name, %error, "The gateway's end is not open.");
-            self.hung_up = true;
-        }
-    }
-}
-
-/// A read that found nothing in time.
-fn is_nothing_to_read(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
-}
-
-/// Trouble a device lives with: nothing to read, a full buffer, or no one at
-/// the other end (serialport reports a pty's EIO as `Other` and a hangup as
-/// `BrokenPipe`).
-fn is_transient(e: &io::Error) -> bool {
-    is_nothing_to_read(e)
-        || matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::Other)
-        || e.raw_os_error() == Some(libc::EIO)
 }

@@ -1,9 +1,10 @@
 //! The simulator against a real pty, with a fake gateway on the slave end.
 //!
 //! The gateway here is a fake on purpose: it answers by a per-test script
-//! (NAK this, BUSY that) to produce the answers a real gateway gives rarely.
+//! (NAK this, BUSY that, ignore the first copy of that) to produce the
+//! answers a real gateway gives rarely, at the moment a test needs them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +14,22 @@ use std::time::{Duration, Instant};
 
 use serialport::SerialPort;
 
-use super::{Faults, PortSpec, SimulatorError, SimulatorOptions, Summary, run};
+use super::{
+    Behaviour, Faults, PortSpec, SimulatorError, SimulatorOptions, Summary, run, run_with,
+};
+use crate::reading::{Priority, Reading};
 use crate::serial::frame::{Decoded, Decoder, Frame, MAX_FRAME_LEN};
 
 const DEVICE: &str = "PM-000001";
 /// A test that has not finished by then has hung.
 const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Where a reading sits: (device, epoch, seq).
+type Key = (String, Option<u32>, u32);
+
+fn key(r: &Reading) -> Key {
+    (r.device_id.clone(), r.epoch, r.seq)
+}
 
 struct Simulation {
     slave_path: String,
@@ -28,13 +39,17 @@ struct Simulation {
 
 impl Simulation {
     fn start(opts: SimulatorOptions) -> Self {
+        Self::start_with(opts, Behaviour::default())
+    }
+
+    fn start_with(opts: SimulatorOptions, behaviour: Behaviour) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let handle = thread::spawn({
             let stop = Arc::clone(&stop);
             move || {
                 let mut on_ready = |path: &str| tx.send(path.to_owned()).unwrap();
-                run(PortSpec::Pty, &opts, &mut on_ready, &stop)
+                run_with(PortSpec::Pty, &opts, &behaviour, &mut on_ready, &stop)
             }
         });
         let slave_path = rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -55,25 +70,66 @@ impl Simulation {
     }
 }
 
-/// What the fake gateway saw, by seq: every copy of each valid reading frame.
+/// One valid reading frame as the fake gateway received it.
+struct Arrival {
+    at: Instant,
+    reading: Reading,
+    frame: Vec<u8>,
+}
+
+/// What the fake gateway saw and answered.
 #[derive(Default)]
 struct Seen {
-    copies: BTreeMap<u32, Vec<(Instant, Vec<u8>)>>,
-    acked: BTreeSet<u32>,
+    /// Every valid reading frame, in arrival order.
+    arrivals: Vec<Arrival>,
+    /// The keys it ACKed, in order, with when.
+    acks: Vec<(Key, Instant)>,
     rejected: usize,
 }
 
 impl Seen {
-    fn times_received(&self, seq: u32) -> usize {
-        self.copies.get(&seq).map_or(0, Vec::len)
+    /// Copies of `seq` from [`DEVICE`], any epoch.
+    fn copies(&self, seq: u32) -> Vec<&Arrival> {
+        self.arrivals
+            .iter()
+            .filter(|a| a.reading.device_id == DEVICE && a.reading.seq == seq)
+            .collect()
     }
 
-    /// Every copy of a seq is the same frame: resends are never damaged copies.
+    fn times_received(&self, seq: u32) -> usize {
+        self.copies(seq).len()
+    }
+
+    /// The first copy of each distinct reading, in arrival order.
+    fn distinct(&self) -> Vec<&Arrival> {
+        let mut frames = BTreeSet::new();
+        self.arrivals
+            .iter()
+            .filter(|a| frames.insert(a.frame.clone()))
+            .collect()
+    }
+
+    fn acked(&self, key: &Key) -> bool {
+        self.acks.iter().any(|(k, _)| k == key)
+    }
+
+    /// When `key` was first ACKed.
+    fn acked_at(&self, key: &Key) -> Instant {
+        self.acks.iter().find(|(k, _)| k == key).unwrap().1
+    }
+
+    /// Every copy of a key is the same frame: resends are never damaged
+    /// copies or new readings. Only for runs without reboots.
     fn assert_resends_identical(&self) {
-        for (seq, copies) in &self.copies {
+        for a in &self.arrivals {
+            let first = self
+                .arrivals
+                .iter()
+                .find(|b| key(&b.reading) == key(&a.reading));
             assert!(
-                copies.iter().all(|(_, f)| *f == copies[0].1),
-                "seq {seq} arrived with different content"
+                first.unwrap().frame == a.frame,
+                "{:?} arrived with different content",
+                key(&a.reading)
             );
         }
     }
@@ -87,11 +143,20 @@ fn open_slave(path: &str) -> Box<dyn SerialPort> {
         .unwrap()
 }
 
-fn ack(seq: u32) -> Frame {
+fn ack_of(r: &Reading) -> Frame {
     Frame::Ack {
-        device_id: DEVICE.to_owned(),
-        epoch: None,
-        seq,
+        device_id: r.device_id.clone(),
+        epoch: r.epoch,
+        seq: r.seq,
+    }
+}
+
+fn nak_of(r: &Reading, seq: u32, reason: &str) -> Frame {
+    Frame::Nak {
+        device_id: Some(r.device_id.clone()),
+        epoch: r.epoch,
+        seq: Some(seq),
+        reason: reason.to_owned(),
     }
 }
 
@@ -117,21 +182,26 @@ fn serve(
         decoder.extend(&buf[..n]);
         while let Some(decoded) = decoder.next() {
             match &decoded {
-                Decoded::Frame(Frame::Reading(r)) => {
-                    let frame = Frame::Reading(r.clone()).encode();
-                    let copies = seen.copies.entry(r.seq).or_default();
-                    copies.push((Instant::now(), frame));
-                }
+                Decoded::Frame(Frame::Reading(r)) => seen.arrivals.push(Arrival {
+                    at: Instant::now(),
+                    reading: r.clone(),
+                    frame: Frame::Reading(r.clone()).encode(),
+                }),
                 Decoded::Frame(other) => panic!("a device sent {other:?}"),
                 Decoded::Rejected(_) => seen.rejected += 1,
             }
             for reply in answer(&decoded, seen) {
                 // Decoy ACKs (another device, an unknown seq) are not recorded.
-                if let Frame::Ack { device_id, seq, .. } = &reply
-                    && device_id == DEVICE
-                    && seen.copies.contains_key(seq)
+                if let Frame::Ack {
+                    device_id,
+                    epoch,
+                    seq,
+                } = &reply
                 {
-                    seen.acked.insert(*seq);
+                    let k = (device_id.clone(), *epoch, *seq);
+                    if seen.arrivals.iter().any(|a| key(&a.reading) == k) {
+                        seen.acks.push((k, Instant::now()));
+                    }
                 }
                 if port.write_all(&reply.encode()).is_err() {
                     return; // Hung up: the next read says so too.
@@ -144,7 +214,7 @@ fn serve(
 /// ACKs every valid reading and NAKs (without a seq) every rejected run.
 fn honest(decoded: &Decoded, _: &Seen) -> Vec<Frame> {
     match decoded {
-        Decoded::Frame(Frame::Reading(r)) => vec![ack(r.seq)],
+        Decoded::Frame(Frame::Reading(r)) => vec![ack_of(r)],
         Decoded::Rejected(rejected) => vec![Frame::Nak {
             device_id: None,
             epoch: None,
@@ -153,6 +223,17 @@ fn honest(decoded: &Decoded, _: &Seen) -> Vec<Frame> {
         }],
         Decoded::Frame(_) => vec![],
     }
+}
+
+/// Serves `sim` until it is done, answering with `answer`.
+fn serve_all(
+    sim: Simulation,
+    answer: &mut dyn FnMut(&Decoded, &Seen) -> Vec<Frame>,
+) -> (Summary, Seen) {
+    let mut port = open_slave(&sim.slave_path);
+    let mut seen = Seen::default();
+    serve(&mut *port, &mut seen, &|_| sim.finished(), answer);
+    (sim.summary(), seen)
 }
 
 fn options(count: u64) -> SimulatorOptions {
@@ -165,12 +246,26 @@ fn options(count: u64) -> SimulatorOptions {
     }
 }
 
+/// Every reading made was received and ACKed, each once as a distinct frame.
 fn assert_all_acked(summary: &Summary, seen: &Seen, count: u64) {
     assert_eq!(summary.acked, count);
     assert_eq!(summary.sent, count);
+    let distinct = seen.distinct();
+    assert_eq!(distinct.len() as u64, count, "distinct readings received");
+    for a in distinct {
+        assert!(
+            seen.acked(&key(&a.reading)),
+            "{:?} never ACKed",
+            key(&a.reading)
+        );
+    }
+}
+
+/// [`assert_all_acked`] for one device counting from 1 without reboots.
+fn assert_all_acked_in_order(summary: &Summary, seen: &Seen, count: u64) {
+    assert_all_acked(summary, seen, count);
     let expected: BTreeSet<u32> = (1..=u32::try_from(count).unwrap()).collect();
-    assert_eq!(seen.acked, expected);
-    let received: BTreeSet<u32> = seen.copies.keys().copied().collect();
+    let received: BTreeSet<u32> = seen.arrivals.iter().map(|a| a.reading.seq).collect();
     assert_eq!(received, expected, "seqs are not consecutive from 1");
     seen.assert_resends_identical();
 }
@@ -182,9 +277,6 @@ fn nak_naming_a_seq_gets_it_resent_at_once() {
         ack_timeout: Duration::from_secs(10),
         ..options(20)
     };
-    let sim = Simulation::start(opts);
-    let mut port = open_slave(&sim.slave_path);
-    let mut seen = Seen::default();
     let mut answer = |decoded: &Decoded, seen: &Seen| match decoded {
         Decoded::Frame(Frame::Reading(r)) if r.seq == 1 && seen.times_received(1) == 1 => {
             // Answers that must not release the frame, then the NAK.
@@ -194,26 +286,29 @@ fn nak_naming_a_seq_gets_it_resent_at_once() {
                     epoch: None,
                     seq: r.seq,
                 },
-                ack(r.seq + 1_000_000),
+                Frame::Ack {
+                    device_id: DEVICE.to_owned(),
+                    epoch: Some(1),
+                    seq: r.seq,
+                },
+                Frame::Ack {
+                    device_id: DEVICE.to_owned(),
+                    epoch: None,
+                    seq: r.seq + 1_000_000,
+                },
                 Frame::Busy {
                     device_id: "PM-999999".to_owned(),
                     epoch: None,
                     seq: r.seq,
                 },
-                Frame::Nak {
-                    device_id: Some(DEVICE.to_owned()),
-                    epoch: None,
-                    seq: Some(r.seq),
-                    reason: "checksum".to_owned(),
-                },
+                nak_of(r, r.seq, "checksum"),
             ]
         }
         other => honest(other, seen),
     };
-    serve(&mut *port, &mut seen, &|_| sim.finished(), &mut answer);
-    let summary = sim.summary();
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut answer);
 
-    assert_all_acked(&summary, &seen, 20);
+    assert_all_acked_in_order(&summary, &seen, 20);
     assert_eq!(seen.times_received(1), 2, "the NAKed frame was not resent");
     assert_eq!((summary.naks, summary.resent, summary.busy), (1, 1, 0));
     assert!(
@@ -231,13 +326,9 @@ fn corrupted_frames_are_recovered_without_a_gap() {
         },
         ..options(60)
     };
-    let sim = Simulation::start(opts);
-    let mut port = open_slave(&sim.slave_path);
-    let mut seen = Seen::default();
-    serve(&mut *port, &mut seen, &|_| sim.finished(), &mut honest);
-    let summary = sim.summary();
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut honest);
 
-    assert_all_acked(&summary, &seen, 60);
+    assert_all_acked_in_order(&summary, &seen, 60);
     assert!(summary.corrupted > 0 && seen.rejected > 0);
     assert!(summary.resent >= summary.corrupted.min(1));
     assert!(summary.naks > 0);
@@ -254,27 +345,25 @@ fn every_line_fault_at_once_still_delivers_every_reading() {
         window: 4,
         ..options(80)
     };
-    let sim = Simulation::start(opts);
-    let mut port = open_slave(&sim.slave_path);
-    let mut seen = Seen::default();
-    serve(&mut *port, &mut seen, &|_| sim.finished(), &mut honest);
-    let summary = sim.summary();
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut honest);
 
-    assert_all_acked(&summary, &seen, 80);
+    assert_all_acked_in_order(&summary, &seen, 80);
     assert!(summary.corrupted > 0 && summary.garbage > 0 && summary.truncated > 0);
 }
 
 #[test]
-fn busy_frame_is_kept_and_resent_after_ack_timeout() {
+fn busy_backs_off_10_s_doubling_scaled() {
+    // Scaled by 0.01: 100 ms, 200 ms, 400 ms; the resend timeout is long.
     let opts = SimulatorOptions {
-        ack_timeout: Duration::from_millis(300),
+        ack_timeout: Duration::from_secs(10),
         ..options(10)
     };
-    let sim = Simulation::start(opts);
-    let mut port = open_slave(&sim.slave_path);
-    let mut seen = Seen::default();
+    let behaviour = Behaviour {
+        time_scale: 0.01,
+        ..Behaviour::default()
+    };
     let mut answer = |decoded: &Decoded, seen: &Seen| match decoded {
-        Decoded::Frame(Frame::Reading(r)) if r.seq == 3 && seen.times_received(3) == 1 => {
+        Decoded::Frame(Frame::Reading(r)) if r.seq == 3 && seen.times_received(3) <= 3 => {
             vec![Frame::Busy {
                 device_id: DEVICE.to_owned(),
                 epoch: None,
@@ -283,18 +372,21 @@ fn busy_frame_is_kept_and_resent_after_ack_timeout() {
         }
         other => honest(other, seen),
     };
-    serve(&mut *port, &mut seen, &|_| sim.finished(), &mut answer);
-    let summary = sim.summary();
+    let (summary, seen) = serve_all(Simulation::start_with(opts, behaviour), &mut answer);
 
-    assert_all_acked(&summary, &seen, 10);
-    assert_eq!((summary.busy, summary.resent), (1, 1));
-    let copies = &seen.copies[&3];
-    assert_eq!(copies.len(), 2);
-    let waited = copies[1].0 - copies[0].0;
-    assert!(
-        waited >= Duration::from_millis(250),
-        "resent after {waited:?}"
-    );
+    assert_all_acked_in_order(&summary, &seen, 10);
+    assert_eq!((summary.busy, summary.resent), (3, 3));
+    let at: Vec<Instant> = seen.copies(3).iter().map(|a| a.at).collect();
+    assert_eq!(at.len(), 4);
+    for (i, expected_ms) in [100, 200, 400].into_iter().enumerate() {
+        let waited = at[i + 1] - at[i];
+        let expected = Duration::from_millis(expected_ms);
+        assert!(
+            waited >= expected - Duration::from_millis(5) && waited < expected * 2,
+            "BUSY {}: resent after {waited:?}, expected about {expected:?}",
+            i + 1
+        );
+    }
 }
 
 #[test]
@@ -302,7 +394,7 @@ fn gateway_may_close_and_reopen_the_pty_slave() {
     let sim = Simulation::start(options(30));
     let mut seen = Seen::default();
     let mut port = open_slave(&sim.slave_path);
-    serve(&mut *port, &mut seen, &|s| s.acked.len() >= 10, &mut honest);
+    serve(&mut *port, &mut seen, &|s| s.acks.len() >= 10, &mut honest);
     drop(port);
     thread::sleep(Duration::from_millis(300));
     assert!(
@@ -313,7 +405,7 @@ fn gateway_may_close_and_reopen_the_pty_slave() {
     serve(&mut *port, &mut seen, &|_| sim.finished(), &mut honest);
     let summary = sim.summary();
 
-    assert_all_acked(&summary, &seen, 30);
+    assert_all_acked_in_order(&summary, &seen, 30);
 }
 
 #[test]
@@ -340,13 +432,9 @@ fn interval_paces_new_readings() {
         interval: Duration::from_millis(100),
         ..options(5)
     };
-    let sim = Simulation::start(opts);
-    let mut port = open_slave(&sim.slave_path);
-    let mut seen = Seen::default();
-    serve(&mut *port, &mut seen, &|_| sim.finished(), &mut honest);
-    let summary = sim.summary();
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut honest);
 
-    assert_all_acked(&summary, &seen, 5);
+    assert_all_acked_in_order(&summary, &seen, 5);
     assert!(
         summary.elapsed_ms >= 400,
         "5 readings took {} ms",
@@ -377,4 +465,279 @@ fn invalid_options_are_refused_by_name() {
         error.to_string(),
         "invalid simulator option `window`: must be at least 1"
     );
+    let behaviour = Behaviour {
+        time_scale: 0.0,
+        ..Behaviour::default()
+    };
+    let error = run_with(PortSpec::Pty, &options(1), &behaviour, &mut |_| {}, &stop).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid simulator option `time_scale`: must be a number above 0"
+    );
+}
+
+#[test]
+fn seq_0_can_be_the_first() {
+    let opts = SimulatorOptions {
+        start_seq: 0,
+        ..options(5)
+    };
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut honest);
+
+    assert_all_acked(&summary, &seen, 5);
+    let seqs: Vec<u32> = seen.arrivals.iter().map(|a| a.reading.seq).collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4]);
+}
+
+/// First transmissions as (epoch, seq), in order.
+fn first_sent(seen: &Seen) -> Vec<(Option<u32>, u32)> {
+    seen.distinct()
+        .iter()
+        .map(|a| (a.reading.epoch, a.reading.seq))
+        .collect()
+}
+
+#[test]
+fn a_v1_device_reboots_counts_again_and_resends_what_it_kept() {
+    // Seq 7 of the first boot goes unanswered, so the device still holds it
+    // when it reboots after its 5th ACK. The resend timeout is long: only
+    // the reboot explains a quick resend.
+    let opts = SimulatorOptions {
+        ack_timeout: Duration::from_secs(10),
+        ..options(12)
+    };
+    let behaviour = Behaviour {
+        restart_every: Some(5),
+        ..Behaviour::default()
+    };
+    let mut answer = |decoded: &Decoded, seen: &Seen| match decoded {
+        Decoded::Frame(Frame::Reading(r)) if r.seq == 7 && seen.times_received(7) == 1 => {
+            vec![]
+        }
+        other => honest(other, seen),
+    };
+    let (summary, seen) = serve_all(Simulation::start_with(opts, behaviour), &mut answer);
+
+    assert_all_acked(&summary, &seen, 12);
+    // Boot 1 made 1 to 8; boot 2 makes the last 4, too few for another.
+    assert_eq!(summary.restarts, 1);
+    assert!(summary.elapsed_ms < 5_000, "seq 7 waited for its timeout");
+    // Each boot counts from 1; no reading is sent while another with its
+    // seq is held.
+    let seqs: Vec<u32> = first_sent(&seen).iter().map(|(_, s)| *s).collect();
+    let boots: Vec<&[u32]> = seqs.chunk_by(|a, b| b > a).collect();
+    assert!(boots.len() >= 2, "no second count in {seqs:?}");
+    for boot in &boots {
+        assert_eq!(boot[0], 1, "a boot did not count from 1: {seqs:?}");
+    }
+    let first_7 = &seen.copies(7)[..2];
+    assert_eq!(first_7[0].frame, first_7[1].frame, "the kept 7 was resent");
+    assert!(summary.resent >= 1);
+}
+
+#[test]
+fn a_v1_1_device_raises_its_epoch_at_each_reboot() {
+    let opts = SimulatorOptions {
+        start_seq: 0,
+        window: 1,
+        ..options(10)
+    };
+    let behaviour = Behaviour {
+        epoch: Some(7),
+        restart_every: Some(4),
+        ..Behaviour::default()
+    };
+    let (summary, seen) = serve_all(Simulation::start_with(opts, behaviour), &mut honest);
+
+    assert_all_acked(&summary, &seen, 10);
+    assert_eq!(summary.restarts, 2);
+    let sent = first_sent(&seen);
+    let epochs: BTreeSet<Option<u32>> = sent.iter().map(|(e, _)| *e).collect();
+    assert_eq!(epochs, BTreeSet::from([Some(7), Some(8), Some(9)]));
+    for epoch in [8, 9] {
+        let first = sent.iter().find(|(e, _)| *e == Some(epoch)).unwrap();
+        assert_eq!(first.1, 0, "epoch {epoch} did not count from 0: {sent:?}");
+    }
+    // ACKs name the epoch, so no reading is ACKed by another's answer.
+    seen.assert_resends_identical();
+}
+
+#[test]
+fn late_readings_wait_for_later_acks_even_when_asked_for() {
+    // Every 4th reading is held back until 2 later ones are ACKed. The
+    // gateway asks for the missing one at once, as the real one does: a
+    // reading held back is not sent for that.
+    let opts = SimulatorOptions {
+        alert_rate: 0.5,
+        ..options(12)
+    };
+    let behaviour = Behaviour {
+        late_every: Some(4),
+        late_by: 2,
+        ..Behaviour::default()
+    };
+    let mut answer = |decoded: &Decoded, seen: &Seen| match decoded {
+        Decoded::Frame(Frame::Reading(r))
+            if r.seq % 4 == 1 && r.seq > 1 && seen.times_received(r.seq - 1) == 0 =>
+        {
+            vec![ack_of(r), nak_of(r, r.seq - 1, "missing")]
+        }
+        other => honest(other, seen),
+    };
+    let (summary, seen) = serve_all(Simulation::start_with(opts, behaviour), &mut answer);
+
+    assert_all_acked(&summary, &seen, 12);
+    assert_eq!(summary.late_sent, 3);
+    let mut late_alerts = 0;
+    for seq in [4, 8, 12] {
+        let copies = seen.copies(seq);
+        let first = copies[0];
+        late_alerts += usize::from(first.reading.priority == Priority::Alert);
+        for later in (seq + 1..=seq + 2).filter(|s| *s <= 12) {
+            let later = (DEVICE.to_owned(), None, later);
+            assert!(
+                seen.acked_at(&later) <= first.at,
+                "seq {seq} was sent before {later:?} was ACKed"
+            );
+        }
+    }
+    assert!(late_alerts > 0, "the seeded run holds back an alert too");
+    seen.assert_resends_identical();
+}
+
+#[test]
+fn gap_naks_resend_at_once_but_not_faster_than_the_floor() {
+    // The gateway holds seq 3 behind a gap for 500 ms, NAKing each copy.
+    let opts = SimulatorOptions {
+        ack_timeout: Duration::from_secs(10),
+        ..options(6)
+    };
+    let mut held_since = None;
+    let mut answer = |decoded: &Decoded, seen: &Seen| match decoded {
+        Decoded::Frame(Frame::Reading(r)) if r.seq == 3 => {
+            let since = *held_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < Duration::from_millis(500) {
+                vec![nak_of(r, 2, "missing"), nak_of(r, 3, "gap")]
+            } else {
+                honest(decoded, seen)
+            }
+        }
+        other => honest(other, seen),
+    };
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut answer);
+
+    assert_all_acked_in_order(&summary, &seen, 6);
+    let at: Vec<Instant> = seen.copies(3).iter().map(|a| a.at).collect();
+    assert!(at.len() >= 5, "seq 3 was resent {} times only", at.len());
+    for pair in at.windows(2) {
+        let waited = pair[1] - pair[0];
+        assert!(
+            waited >= Duration::from_millis(45) && waited < Duration::from_millis(500),
+            "seq 3 resent after {waited:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_nak_gets_the_named_reading_resent_at_once() {
+    // Seq 2's first copy is lost; the gateway asks for it when 3 comes.
+    let opts = SimulatorOptions {
+        ack_timeout: Duration::from_secs(10),
+        ..options(5)
+    };
+    let mut answer = |decoded: &Decoded, seen: &Seen| match decoded {
+        Decoded::Frame(Frame::Reading(r)) if r.seq == 2 && seen.times_received(2) == 1 => {
+            vec![]
+        }
+        Decoded::Frame(Frame::Reading(r)) if r.seq == 3 && seen.times_received(3) == 1 => {
+            vec![ack_of(r), nak_of(r, 2, "missing")]
+        }
+        other => honest(other, seen),
+    };
+    let (summary, seen) = serve_all(Simulation::start(opts), &mut answer);
+
+    assert_all_acked_in_order(&summary, &seen, 5);
+    assert_eq!(seen.times_received(2), 2);
+    assert!(summary.elapsed_ms < 2_000, "seq 2 waited for its timeout");
+}
+
+#[test]
+fn lost_acks_get_the_reading_resent_after_the_timeout() {
+    let opts = SimulatorOptions {
+        ack_timeout: Duration::from_secs(10),
+        ..options(30)
+    };
+    let behaviour = Behaviour {
+        drop_ack_rate: 0.3,
+        time_scale: 0.01,
+        ..Behaviour::default()
+    };
+    let (summary, seen) = serve_all(Simulation::start_with(opts, behaviour), &mut honest);
+
+    assert_all_acked_in_order(&summary, &seen, 30);
+    assert!(summary.dropped_acks > 0);
+    assert_eq!(summary.resent, summary.dropped_acks);
+    assert_eq!(seen.arrivals.len() as u64, 30 + summary.dropped_acks);
+    // Resent after the scaled timeout (100 ms), not before.
+    for seq in 1..=30 {
+        for pair in seen.copies(seq).windows(2) {
+            assert!(pair[1].at - pair[0].at >= Duration::from_millis(95));
+        }
+    }
+}
+
+#[test]
+fn two_devices_share_a_port_each_with_its_own_count() {
+    let opts = SimulatorOptions {
+        window: 2,
+        ..options(10)
+    };
+    let behaviour = Behaviour {
+        devices: 2,
+        ..Behaviour::default()
+    };
+    let (summary, seen) = serve_all(Simulation::start_with(opts, behaviour), &mut honest);
+
+    assert_all_acked(&summary.devices[0], &seen_of(&seen, "PM-000001-1"), 10);
+    assert_all_acked(&summary.devices[1], &seen_of(&seen, "PM-000001-2"), 10);
+    assert_eq!((summary.acked, summary.sent), (20, 20));
+    for device in ["PM-000001-1", "PM-000001-2"] {
+        let seqs: Vec<u32> = seen
+            .arrivals
+            .iter()
+            .filter(|a| a.reading.device_id == device)
+            .map(|a| a.reading.seq)
+            .collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<u32>>(), "{device}");
+    }
+    // Interleaved: the first four readings hold both devices.
+    let first: BTreeSet<&str> = seen.arrivals[..4]
+        .iter()
+        .map(|a| a.reading.device_id.as_str())
+        .collect();
+    assert_eq!(first.len(), 2);
+}
+
+/// The part of `seen` about `device`.
+fn seen_of(seen: &Seen, device: &str) -> Seen {
+    let ours = |a: &&Arrival| a.reading.device_id == device;
+    Seen {
+        arrivals: seen
+            .arrivals
+            .iter()
+            .filter(ours)
+            .map(|a| Arrival {
+                at: a.at,
+                reading: a.reading.clone(),
+                frame: a.frame.clone(),
+            })
+            .collect(),
+        acks: seen
+            .acks
+            .iter()
+            .filter(|(k, _)| k.0 == device)
+            .cloned()
+            .collect(),
+        rejected: 0,
+    }
 }

@@ -73,6 +73,8 @@ struct Control {
     /// Signalled whenever a link is closed and removed.
     closed: Condvar,
     accepted: AtomicUsize,
+    /// Accepted connections that reached upstream.
+    forwarded: AtomicUsize,
 }
 
 impl Control {
@@ -146,6 +148,7 @@ impl FaultProxy {
             links: Mutex::new(Links::default()),
             closed: Condvar::new(),
             accepted: AtomicUsize::new(0),
+            forwarded: AtomicUsize::new(0),
         });
         let shutdown = CancellationToken::new();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -233,6 +236,13 @@ impl FaultProxy {
     /// Connections accepted since the start.
     pub fn connections(&self) -> usize {
         self.control.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that reached upstream since the start: unlike
+    /// [`FaultProxy::connections`], not those reset because upstream was
+    /// down, so it counts the connections a client really had.
+    pub fn forwarded(&self) -> usize {
+        self.control.forwarded.load(Ordering::SeqCst)
     }
 
     /// Connections accepted and not yet closed. A connection held in a
@@ -372,6 +382,7 @@ async fn relay(
         return;
     };
     let _ = server.set_nodelay(true);
+    registered.control.forwarded.fetch_add(1, Ordering::SeqCst);
     let end = tokio::select! {
         _ = kill.cancelled() => End::Abort,
         end = forward(&mut client, &mut server, &registered) => end,

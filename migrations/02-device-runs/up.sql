@@ -81,6 +81,10 @@ CREATE TABLE device_runs (
     -- priorities and per priority (alerts may be stored ahead of a gap).
     -- NULL: none yet, e.g. right after an operator reset.
     frontier       INTEGER,
+    -- The first seq of the current run: a seq below it was never used in
+    -- the run (a late reading), one from it up to the frontier was, unless
+    -- it lies in a range in `given_up`.
+    start          INTEGER,
     high           INTEGER,
     high_alert     INTEGER,
     high_routine   INTEGER,
@@ -98,9 +102,10 @@ CREATE TABLE device_runs (
     attention_until INTEGER,
     PRIMARY KEY (device, epoch)
 ) WITHOUT ROWID;
-INSERT INTO device_runs (device, epoch, run, frontier, high, high_alert, high_routine,
+-- Schema 1 took every seq up to the frontier as used, from 0 on.
+INSERT INTO device_runs (device, epoch, run, frontier, start, high, high_alert, high_routine,
     last_heard, stored)
-    SELECT d.device, 0, 0, d.frontier,
+    SELECT d.device, 0, 0, d.frontier, 0,
         max(d.frontier, coalesce((SELECT max(seq) FROM readings r WHERE r.device = d.device), 0)),
         (SELECT max(seq) FROM readings r WHERE r.device = d.device AND r.priority = 'alert'),
         (SELECT max(seq) FROM readings r WHERE r.device = d.device AND r.priority = 'routine'),
@@ -108,6 +113,17 @@ INSERT INTO device_runs (device, epoch, run, frontier, high, high_alert, high_ro
         (SELECT count(*) FROM readings r WHERE r.device = d.device)
     FROM devices d;
 DROP TABLE devices;
+
+-- Seqs a run gave up waiting for (a routine gap held for the gap wait): a
+-- reading that comes for one later is late, not a reused number.
+CREATE TABLE given_up (
+    device   TEXT    NOT NULL,
+    epoch    INTEGER NOT NULL,
+    run      INTEGER NOT NULL,
+    from_seq INTEGER NOT NULL,
+    to_seq   INTEGER NOT NULL,
+    PRIMARY KEY (device, epoch, run, from_seq)
+) WITHOUT ROWID;
 
 -- What an operator did (`hearth devices reset`), for the record.
 CREATE TABLE operator_actions (

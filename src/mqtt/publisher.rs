@@ -719,7 +719,9 @@ impl Publisher {
     }
 
     /// Starts new exchanges while the window and the budget have room:
-    /// alerts first, each batch cut to the room left.
+    /// alerts first, each batch cut to the room left. An alert never waits
+    /// for the budget: one alert reading always goes out while the window
+    /// has a slot, so a slow link delays it by its own bytes only.
     async fn fill(&mut self, conn: &mut Connection) -> Result<(), PublishError> {
         self.send_resumed(conn).await?;
         if !self.resend.is_empty() {
@@ -739,11 +741,11 @@ impl Publisher {
             let budget = self.budget.bytes;
             let in_flight = self.in_flight();
             let room = budget.saturating_sub(in_flight);
-            if in_flight > 0 && room < MIN_ROOM {
-                // A PUBREC frees room and calls this again.
-                return Ok(());
-            }
-            let routine_allowed = open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
+            // Too little room for routine readings: a PUBREC frees room and
+            // calls this again. Alerts go all the same.
+            let short = in_flight > 0 && room < MIN_ROOM;
+            let routine_allowed =
+                !short && open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
             let pkid = self.alloc_pkid();
             let gateway = self.config.gateway_id.clone();
             let alerts = self.config.topic("alerts");
@@ -755,6 +757,7 @@ impl Publisher {
                 .call(move |s| {
                     let mut batch = s.next_queued(Priority::Alert, limit)?;
                     let mut topic = alerts;
+                    let at_least_one = at_least_one || !batch.is_empty();
                     if batch.is_empty() && routine_allowed {
                         batch = s.next_queued(Priority::Routine, limit)?;
                         topic = readings;

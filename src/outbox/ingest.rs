@@ -26,9 +26,12 @@
 //!    order, but only for [`GAP_WAIT`] counted from the first time the gap
 //!    was seen, never restarted by a resend; after that it is stored and the
 //!    device is taken to have skipped numbers.
-//! 5. **At or below the frontier, seq never used in this run**: a late
-//!    reading (its gap was given up), stored.
-//! 6. **Seq used in this run with other content**:
+//! 5. **At or below the frontier, seq never used in this run** (below the
+//!    run's first seq, or in a gap it gave up on, table `given_up`): a late
+//!    reading, stored.
+//! 6. **Seq used in this run with other content**: stored, or stored and
+//!    then pruned (even once its tombstone is gone: any seq from the run's
+//!    first up to the frontier that was not given up was used):
 //!    - from a v1 device (no epoch on the wire): the device started counting
 //!      again (battery change, firmware update). A new run begins with this
 //!      reading (flagged `restart`), and the `device-restart` alarm holds for
@@ -97,7 +100,12 @@ const FIND_RESEND: &str = "SELECT 1 FROM readings WHERE device = ?1 AND epoch = 
     AND hash = ?4 UNION ALL SELECT 1 FROM pruned WHERE device = ?1 AND epoch = ?2 AND seq = ?3
     AND hash = ?4 LIMIT 1";
 const GET_RUN: &str = "SELECT run, frontier, high, high_alert, high_routine, gap_missing,
-    gap_since FROM device_runs WHERE device = ?1 AND epoch = ?2";
+    gap_since, start, conflicts FROM device_runs WHERE device = ?1 AND epoch = ?2";
+/// Whether `?4` lies in a gap the run gave up on.
+const GIVEN_UP: &str = "SELECT 1 FROM given_up WHERE device = ?1 AND epoch = ?2 AND run = ?3
+    AND from_seq <= ?4 AND to_seq >= ?4";
+const GIVE_UP: &str = "INSERT OR IGNORE INTO given_up (device, epoch, run, from_seq, to_seq)
+    VALUES (?1, ?2, ?3, ?4, ?5)";
 /// The highest variant under (device, epoch, seq, run), stored or pruned.
 const TOP_VARIANT: &str = "SELECT max(v) FROM (
     SELECT variant AS v FROM readings WHERE device = ?1 AND epoch = ?2 AND seq = ?3 AND run = ?4
@@ -109,10 +117,10 @@ const INSERT_READING: &str = "INSERT INTO readings
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 const PUT_RUN: &str = "INSERT INTO device_runs (device, epoch, run, high, high_alert,
     high_routine, gap_missing, gap_since, last_heard, stored, late, restarts, conflicts,
-    attention, attention_until, frontier)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13)
+    attention, attention_until, frontier, start)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
     ON CONFLICT (device, epoch) DO UPDATE SET run = excluded.run, high = excluded.high,
-    frontier = excluded.frontier,
+    frontier = excluded.frontier, start = excluded.start,
     high_alert = excluded.high_alert, high_routine = excluded.high_routine,
     gap_missing = NULL, gap_since = NULL, last_heard = excluded.last_heard,
     stored = stored + 1, late = late + excluded.late, restarts = restarts + excluded.restarts,
@@ -131,6 +139,8 @@ struct Run {
     high_routine: Option<u32>,
     gap_missing: Option<u32>,
     gap_since: Option<i64>,
+    start: Option<u32>,
+    conflicts: u32,
 }
 
 /// Where a new reading goes, decided by rules 2 to 6.
@@ -179,6 +189,8 @@ pub fn take(
                 high_routine: row.get(4)?,
                 gap_missing: row.get(5)?,
                 gap_since: row.get(6)?,
+                start: row.get(7)?,
+                conflicts: row.get(8)?,
             })
         })
         .optional()?;
@@ -190,11 +202,27 @@ pub fn take(
             None => Placement::fresh(run.run, Flag::None),
             Some(frontier) => {
                 let next = i64::from(frontier) + 1;
-                let used: Option<u32> = tx
+                let mut used: Option<u32> = tx
                     .prepare_cached(TOP_VARIANT)?
                     .query_row(params![r.device_id, epoch, r.seq, run.run], |row| {
                         row.get(0)
                     })?;
+                // A seq up to the frontier with no record left was used all
+                // the same, unless it was never part of the run: its
+                // reading and tombstone were pruned. Its variant is unknown;
+                // one past every conflict of the epoch is unused.
+                if used.is_none()
+                    && seq < next
+                    && run.start.is_some_and(|start| r.seq >= start)
+                    && !tx.prepare_cached(GIVEN_UP)?.exists(params![
+                        r.device_id,
+                        epoch,
+                        run.run,
+                        r.seq
+                    ])?
+                {
+                    used = Some(run.conflicts);
+                }
                 match used {
                     // Rule 6.
                     Some(_) if r.epoch.is_none() => {
@@ -250,6 +278,13 @@ pub fn take(
                                 skipped = seq - next,
                                 "A device skipped sequence numbers; its later readings are taken."
                             );
+                            tx.prepare_cached(GIVE_UP)?.execute(params![
+                                r.device_id,
+                                epoch,
+                                run.run,
+                                missing,
+                                r.seq - 1
+                            ])?;
                             Placement {
                                 skipping: true,
                                 ..Placement::at(run.run, Flag::None)
@@ -270,6 +305,7 @@ pub fn take(
         .is_some_and(|h| r.seq < h),
         _ => false,
     };
+    // A conflict can be late too; the outcome names the conflict.
     let placement = if late && placement.flag == Flag::None {
         Placement {
             flag: Flag::Late,
@@ -286,7 +322,7 @@ pub fn take(
         r.seq,
         placement.variant,
         r.content_hash(),
-        placement.flag == Flag::Late,
+        late,
         placement.flag == Flag::Restart,
         r.kind.as_str(),
         r.value,
@@ -339,12 +375,16 @@ pub fn take(
         high_alert,
         high_routine,
         to_ms(now),
-        placement.flag == Flag::Late,
+        late,
         placement.flag == Flag::Restart,
         placement.flag == Flag::Conflict,
         attention,
         until,
         frontier,
+        match (&run, placement.fresh) {
+            (Some(run), false) => run.start,
+            _ => Some(r.seq),
+        },
     ])?;
     Ok(match placement.ahead_of {
         Some(missing) => Insert::StoredAhead { missing },
@@ -693,6 +733,80 @@ mod tests {
     }
 
     #[test]
+    fn a_v1_device_counting_again_after_its_records_were_pruned_is_a_restart() {
+        // Review finding: with the readings and their tombstones gone, the
+        // seqs up to the frontier were still used; their ids are taken.
+        let (_dir, mut store) = open();
+        put(&mut store, &[routine(1), routine(2), routine(3)], t0());
+        let q = store.next_queued(Priority::Routine, 10).unwrap();
+        let ids: Vec<i64> = q.iter().map(|r| r.id).collect();
+        store.begin_exchange(1, "t", &ids, t0()).unwrap();
+        store.exchange_released(1).unwrap();
+        store.complete_exchange(1, t0()).unwrap();
+        let later = Utc::now() + TimeDelta::days(1);
+        assert_eq!(store.prune_delivered(later).unwrap(), 3);
+        store.prune_delivered(later).unwrap();
+        assert_eq!(
+            put(&mut store, &[other(routine(1)), other(routine(2))], at(10)),
+            [Insert::Stored(Flag::Restart), STORED]
+        );
+        assert_eq!(
+            rows(&store),
+            [(1, 1, 0, false, true), (2, 1, 0, false, false)]
+        );
+        // With an epoch, a forgotten seq is a conflict with a fresh variant.
+        let e = |r: Reading| Reading {
+            epoch: Some(1),
+            ..r
+        };
+        put(&mut store, &[e(routine(5)), e(routine(6))], at(20));
+        store
+            .conn_for_tests()
+            .execute("DELETE FROM readings WHERE epoch = 1 AND seq = 5", [])
+            .unwrap();
+        assert_eq!(
+            put(&mut store, &[e(other(routine(5)))], at(30)),
+            [Insert::Stored(Flag::Conflict)]
+        );
+        let variants: Vec<u32> = store
+            .list(&ListFilter::default())
+            .unwrap()
+            .iter()
+            .filter(|r| r.epoch == 1 && r.seq == 5)
+            .map(|r| r.variant)
+            .collect();
+        assert_eq!(variants, [1]);
+    }
+
+    #[test]
+    fn a_reading_for_a_seq_below_the_runs_start_or_given_up_is_late_not_a_restart() {
+        let (_dir, mut store) = open();
+        put(&mut store, &[routine(5)], t0());
+        put(&mut store, &[routine(7)], at(0));
+        put(&mut store, &[routine(7)], at(2500));
+        // 4 was never part of the run, 6 was given up: both late.
+        assert_eq!(
+            put(&mut store, &[routine(4), routine(6)], at(3000)),
+            [Insert::Stored(Flag::Late); 2]
+        );
+    }
+
+    #[test]
+    fn a_conflict_below_the_highest_seq_is_flagged_late_too() {
+        let (_dir, mut store) = open();
+        let e = |r: Reading| Reading {
+            epoch: Some(1),
+            ..r
+        };
+        put(&mut store, &[e(routine(5)), e(routine(6))], t0());
+        assert_eq!(
+            put(&mut store, &[e(other(routine(5)))], at(1)),
+            [Insert::Stored(Flag::Conflict)]
+        );
+        assert_eq!(rows(&store).last(), Some(&(5, 0, 1, true, false)));
+    }
+
+    #[test]
     fn an_operator_reset_starts_a_new_run_and_clears_the_alarm() {
         let (_dir, mut store) = open();
         put(&mut store, &[routine(1), routine(2)], t0());
@@ -711,5 +825,9 @@ mod tests {
         );
         assert!(store.device_alarms(at(2)).unwrap().is_empty());
         assert_eq!(rows(&store).last(), Some(&(2, 2, 0, false, false)));
+        // Any seq begins the new run at once, with no gap to wait out.
+        store.reset_device("PM-1", "swapped").unwrap();
+        assert_eq!(put(&mut store, &[other(routine(500))], at(3)), [STORED]);
+        assert_eq!(rows(&store).last(), Some(&(500, 3, 0, false, false)));
     }
 }

@@ -345,6 +345,14 @@ impl Store {
             alarm_for: DEVICE_ALARM,
         };
         store.configure().map_err(|e| store.err(e))?;
+        // Every write transaction takes the write lock when it begins, so a
+        // second writer (`hearth devices reset` beside a running gateway)
+        // makes it wait out the busy timeout instead of failing it half way
+        // (a deferred transaction that read before the other wrote cannot
+        // upgrade).
+        store
+            .conn
+            .set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         store.migrate()?;
         Ok(store)
     }
@@ -506,6 +514,13 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The connection itself, for tests that must make a state the
+    /// gateway's own calls cannot (a row deleted behind its back).
+    #[cfg(test)]
+    pub(crate) fn conn_for_tests(&self) -> &Connection {
+        &self.conn
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -1062,8 +1077,9 @@ impl Store {
                 return Ok(None);
             };
             let new_run: u32 = tx.query_row(
-                "UPDATE device_runs SET run = run + 1, high = NULL, high_alert = NULL,
-                 high_routine = NULL, gap_missing = NULL, gap_since = NULL
+                "UPDATE device_runs SET run = run + 1, frontier = NULL, start = NULL,
+                 high = NULL, high_alert = NULL, high_routine = NULL, gap_missing = NULL,
+                 gap_since = NULL
                  WHERE device = ?1 AND epoch = ?2 RETURNING run",
                 params![device, epoch],
                 |r| r.get(0),
@@ -1303,7 +1319,8 @@ mod tests {
                 )
                 .unwrap();
             }
-            conn.execute("INSERT INTO devices VALUES ('PM-1', 2)", [])
+            // Readings 3 to 10 were delivered and deleted by hearth 0.1.
+            conn.execute("INSERT INTO devices VALUES ('PM-1', 10)", [])
                 .unwrap();
         }
         let mut store = Store::open(&path).unwrap();
@@ -1311,12 +1328,19 @@ mod tests {
         // A resend of a reading stored by hearth 0.1 is still a resend, and
         // the count goes on where it was.
         assert_eq!(
-            store.commit_serial("p", &[r(2), r(3)], &[], now).unwrap(),
+            store.commit_serial("p", &[r(2), r(11)], &[], now).unwrap(),
             [Insert::Duplicate, Insert::Stored(crate::outbox::Flag::None)]
         );
         let device = &store.devices().unwrap()[0];
-        assert_eq!((device.high, device.run), (Some(3), 0));
-        assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 3);
+        assert_eq!((device.high, device.run), (Some(11), 0));
+        // A seq hearth 0.1 had used and deleted: the device counts again.
+        let mut again = r(5);
+        again.value = 99.0;
+        assert_eq!(
+            store.commit_serial("p", &[again], &[], now).unwrap(),
+            [Insert::Stored(crate::outbox::Flag::Restart)]
+        );
+        assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 4);
     }
 
     #[test]

@@ -442,25 +442,8 @@ mod tests {
     use chrono::{DateTime, TimeDelta, Utc};
 
     use super::*;
+    use crate::outbox::store::tests::{open, reading};
     use crate::outbox::store::{ListFilter, Store, from_ms};
-    use crate::reading::Kind;
-
-    fn reading(seq: u32, priority: Priority) -> Reading {
-        Reading {
-            device_id: "PM-1".into(),
-            epoch: None,
-            seq,
-            device_time: from_ms(1_700_000_000_000 + i64::from(seq) * 1000),
-            kind: if priority == Priority::Alert {
-                Kind::ShockDelivered
-            } else {
-                Kind::HeartRate
-            },
-            value: 70.0,
-            priority,
-            detail: None,
-        }
-    }
 
     fn routine(seq: u32) -> Reading {
         reading(seq, Priority::Routine)
@@ -475,12 +458,6 @@ mod tests {
         r.device_time += TimeDelta::days(1);
         r.value += 1.0;
         r
-    }
-
-    fn open() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).unwrap();
-        (dir, store)
     }
 
     fn t0() -> DateTime<Utc> {

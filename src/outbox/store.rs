@@ -1190,10 +1190,12 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn reading(seq: u32, priority: Priority) -> Reading {
+    /// A reading of device `PM-1` (a shock for an alert, a heart rate
+    /// otherwise); the ingest tests share it.
+    pub(crate) fn reading(seq: u32, priority: Priority) -> Reading {
         Reading {
             device_id: "PM-1".into(),
             epoch: None,
@@ -1210,7 +1212,7 @@ mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, Store) {
+    pub(crate) fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.db")).unwrap();
         (dir, store)

@@ -434,8 +434,8 @@ pub fn active_alarms(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<
 
 #[cfg(test)]
 mod tests {
-    //! One test per way a real device was refused or stranded before
-    //! (issue 6, "Found" 1 to 7); each failed on the v1 store.
+    //! One test per way a real device was refused or stranded by hearth
+    //! 0.1 (issue 6, "Found" 1 to 7), and the review's findings after.
 
     use std::time::Duration;
 

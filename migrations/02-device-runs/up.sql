@@ -85,6 +85,9 @@ CREATE TABLE device_runs (
     -- the run (a late reading), one from it up to the frontier was, unless
     -- it lies in a range in `given_up`.
     start          INTEGER,
+    -- The device time (ms) of the run's first reading: a v1 device's reading
+    -- made before it is from the run before, sent late.
+    start_time     INTEGER,
     high           INTEGER,
     high_alert     INTEGER,
     high_routine   INTEGER,

@@ -41,6 +41,11 @@
 //!      conflict, its own id), and the `seq-conflict` alarm holds for the
 //!      device alarm period.
 //!
+//! A reading of a v1 device that is older (by its device time) than the
+//! first reading of the device's current restarted run was made before the
+//! restart and sent late: it goes to the run before (flagged `late`) when
+//! its seq is free there, instead of disturbing the new count.
+//!
 //! Any stored reading is flagged `late` when a higher seq of the same run
 //! and priority was stored before it: it leaves after that one on its topic.
 //!
@@ -100,7 +105,10 @@ const FIND_RESEND: &str = "SELECT 1 FROM readings WHERE device = ?1 AND epoch = 
     AND hash = ?4 UNION ALL SELECT 1 FROM pruned WHERE device = ?1 AND epoch = ?2 AND seq = ?3
     AND hash = ?4 LIMIT 1";
 const GET_RUN: &str = "SELECT run, frontier, high, high_alert, high_routine, gap_missing,
-    gap_since, start, conflicts FROM device_runs WHERE device = ?1 AND epoch = ?2";
+    gap_since, start, conflicts, start_time FROM device_runs WHERE device = ?1 AND epoch = ?2";
+/// Counts a reading stored in an earlier run; the current run's marks stay.
+const COUNT_EARLIER: &str = "UPDATE device_runs SET last_heard = ?3, stored = stored + 1,
+    late = late + 1 WHERE device = ?1 AND epoch = ?2";
 /// Whether `?4` lies in a gap the run gave up on.
 const GIVEN_UP: &str = "SELECT 1 FROM given_up WHERE device = ?1 AND epoch = ?2 AND run = ?3
     AND from_seq <= ?4 AND to_seq >= ?4";
@@ -117,10 +125,10 @@ const INSERT_READING: &str = "INSERT INTO readings
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
 const PUT_RUN: &str = "INSERT INTO device_runs (device, epoch, run, high, high_alert,
     high_routine, gap_missing, gap_since, last_heard, stored, late, restarts, conflicts,
-    attention, attention_until, frontier, start)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+    attention, attention_until, frontier, start, start_time)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
     ON CONFLICT (device, epoch) DO UPDATE SET run = excluded.run, high = excluded.high,
-    frontier = excluded.frontier, start = excluded.start,
+    frontier = excluded.frontier, start = excluded.start, start_time = excluded.start_time,
     high_alert = excluded.high_alert, high_routine = excluded.high_routine,
     gap_missing = NULL, gap_since = NULL, last_heard = excluded.last_heard,
     stored = stored + 1, late = late + excluded.late, restarts = restarts + excluded.restarts,
@@ -141,6 +149,7 @@ struct Run {
     gap_since: Option<i64>,
     start: Option<u32>,
     conflicts: u32,
+    start_time: Option<i64>,
 }
 
 /// Where a new reading goes, decided by rules 2 to 6.
@@ -191,10 +200,19 @@ pub fn take(
                 gap_since: row.get(6)?,
                 start: row.get(7)?,
                 conflicts: row.get(8)?,
+                start_time: row.get(9)?,
             })
         })
         .optional()?;
     let seq = i64::from(r.seq);
+    if let Some(run) = &run
+        && let Some(earlier) = made_before_restart(tx, r, run)?
+    {
+        insert(tx, r, earlier, 0, true, false, now)?;
+        tx.prepare_cached(COUNT_EARLIER)?
+            .execute(params![r.device_id, epoch, to_ms(now)])?;
+        return Ok(Insert::Stored(Flag::Late));
+    }
     let placement = match &run {
         // Rule 2.
         None => Placement::fresh(0, Flag::None),
@@ -315,23 +333,15 @@ pub fn take(
         placement
     };
 
-    tx.prepare_cached(INSERT_READING)?.execute(params![
-        r.device_id,
-        epoch,
+    insert(
+        tx,
+        r,
         placement.run,
-        r.seq,
         placement.variant,
-        r.content_hash(),
         late,
         placement.flag == Flag::Restart,
-        r.kind.as_str(),
-        r.value,
-        r.kind.unit(),
-        r.priority.as_str(),
-        r.detail,
-        to_ms(r.device_time),
-        to_ms(now),
-    ])?;
+        now,
+    )?;
 
     // The run moves on: its marks only ever rise, except when it starts afresh.
     let (mut frontier, mut high, mut high_alert, mut high_routine) = match (&run, placement.fresh) {
@@ -385,11 +395,61 @@ pub fn take(
             (Some(run), false) => run.start,
             _ => Some(r.seq),
         },
+        match (&run, placement.fresh) {
+            (Some(run), false) => run.start_time,
+            _ => Some(to_ms(r.device_time)),
+        },
     ])?;
     Ok(match placement.ahead_of {
         Some(missing) => Insert::StoredAhead { missing },
         None => Insert::Stored(placement.flag),
     })
+}
+
+/// The run before `run` when `r` is a v1 reading made (by its device time)
+/// before `run` began with a restart, and its seq is free in that run.
+fn made_before_restart(tx: &Connection, r: &Reading, run: &Run) -> rusqlite::Result<Option<u32>> {
+    let older = r.epoch.is_none()
+        && run.run > 0
+        && run.start_time.is_some_and(|t| to_ms(r.device_time) < t);
+    if !older {
+        return Ok(None);
+    }
+    let earlier = run.run - 1;
+    let used: Option<u32> = tx
+        .prepare_cached(TOP_VARIANT)?
+        .query_row(params![r.device_id, 0, r.seq, earlier], |row| row.get(0))?;
+    Ok(used.is_none().then_some(earlier))
+}
+
+/// Inserts one reading row.
+fn insert(
+    tx: &Connection,
+    r: &Reading,
+    run: u32,
+    variant: u32,
+    late: bool,
+    restart: bool,
+    now: DateTime<Utc>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(INSERT_READING)?.execute(params![
+        r.device_id,
+        r.epoch_or_zero(),
+        run,
+        r.seq,
+        variant,
+        r.content_hash(),
+        late,
+        restart,
+        r.kind.as_str(),
+        r.value,
+        r.kind.unit(),
+        r.priority.as_str(),
+        r.detail,
+        to_ms(r.device_time),
+        to_ms(now),
+    ])?;
+    Ok(())
 }
 
 impl Placement {
@@ -753,6 +813,43 @@ mod tests {
             .map(|r| r.variant)
             .collect();
         assert_eq!(variants, [1]);
+    }
+
+    #[test]
+    fn a_reading_made_before_a_restart_and_sent_after_it_goes_to_the_run_before() {
+        // Review finding 6: a v1 device keeps an unACKed reading across its
+        // restart and sends it after the new count began.
+        let (_dir, mut store) = open();
+        put(&mut store, &[routine(1), routine(2), routine(3)], t0());
+        let restarted = |seq| other(routine(seq));
+        assert_eq!(
+            put(&mut store, &[restarted(1), restarted(2)], at(10)),
+            [Insert::Stored(Flag::Restart), STORED]
+        );
+        // Seq 4 of the old count, made before the restart: run 0, late.
+        assert_eq!(
+            put(&mut store, &[routine(4)], at(20)),
+            [Insert::Stored(Flag::Late)]
+        );
+        // The new count goes on undisturbed: no second restart.
+        assert_eq!(
+            put(&mut store, &[restarted(3), restarted(4)], at(30)),
+            [STORED; 2]
+        );
+        assert_eq!(
+            rows(&store),
+            [
+                (1, 0, 0, false, false),
+                (2, 0, 0, false, false),
+                (3, 0, 0, false, false),
+                (1, 1, 0, false, true),
+                (2, 1, 0, false, false),
+                (4, 0, 0, true, false),
+                (3, 1, 0, false, false),
+                (4, 1, 0, false, false)
+            ]
+        );
+        assert_eq!(store.devices().unwrap()[0].restarts, 1);
     }
 
     #[test]

@@ -1077,7 +1077,7 @@ impl Store {
                 return Ok(None);
             };
             let new_run: u32 = tx.query_row(
-                "UPDATE device_runs SET run = run + 1, frontier = NULL, start = NULL,
+                "UPDATE device_runs SET run = run + 1, frontier = NULL, start = NULL, start_time = NULL,
                  high = NULL, high_alert = NULL, high_routine = NULL, gap_missing = NULL,
                  gap_since = NULL
                  WHERE device = ?1 AND epoch = ?2 RETURNING run",

@@ -20,8 +20,8 @@
 //! 3. **Next in order** (`seq = frontier + 1`): stored; the frontier moves
 //!    over it and over any alerts stored ahead.
 //! 4. **After a gap** (`seq > frontier + 1`, seq not used in this run): an
-//!    alert is stored at once and the
-//!    device is asked for the missing seq (NAK `missing`). A routine reading
+//!    alert is stored at once and the device is asked for the missing seq
+//!    (NAK `missing`). A routine reading
 //!    is held (NAK `missing`, NAK `gap`) so that routine readings keep seq
 //!    order, but only for [`GAP_WAIT`] counted from the first time the gap
 //!    was seen, never restarted by a resend; after that it is stored and the

@@ -43,8 +43,9 @@
 //!
 //! A reading of a v1 device that is older (by its device time) than the
 //! first reading of the device's current restarted run was made before the
-//! restart and sent late: it goes to the run before (flagged `late`) when
-//! its seq is free there, instead of disturbing the new count.
+//! restart and sent late: it goes to the run before when its seq is free
+//! there, instead of disturbing the new count (flagged `late` by the rule
+//! below, against the readings of that run still in the store).
 //!
 //! Any stored reading is flagged `late` when a higher seq of the same run
 //! and priority was stored before it: it leaves after that one on its topic.
@@ -108,7 +109,10 @@ const GET_RUN: &str = "SELECT run, frontier, high, high_alert, high_routine, gap
     gap_since, start, conflicts, start_time FROM device_runs WHERE device = ?1 AND epoch = ?2";
 /// Counts a reading stored in an earlier run; the current run's marks stay.
 const COUNT_EARLIER: &str = "UPDATE device_runs SET last_heard = ?3, stored = stored + 1,
-    late = late + 1 WHERE device = ?1 AND epoch = ?2";
+    late = late + ?4 WHERE device = ?1 AND epoch = ?2";
+/// Whether run `?4` holds a higher seq than `?3` of priority `?5`.
+const HIGHER_IN_RUN: &str = "SELECT 1 FROM readings WHERE device = ?1 AND epoch = ?2
+    AND seq > ?3 AND run = ?4 AND priority = ?5";
 /// Whether `?4` lies in a gap the run gave up on.
 const GIVEN_UP: &str = "SELECT 1 FROM given_up WHERE device = ?1 AND epoch = ?2 AND run = ?3
     AND from_seq <= ?4 AND to_seq >= ?4";
@@ -208,10 +212,17 @@ pub fn take(
     if let Some(run) = &run
         && let Some(earlier) = made_before_restart(tx, r, run)?
     {
-        insert(tx, r, earlier, 0, true, false, now)?;
+        let late = tx.prepare_cached(HIGHER_IN_RUN)?.exists(params![
+            r.device_id,
+            epoch,
+            r.seq,
+            earlier,
+            r.priority.as_str()
+        ])?;
+        insert(tx, r, earlier, 0, late, false, now)?;
         tx.prepare_cached(COUNT_EARLIER)?
-            .execute(params![r.device_id, epoch, to_ms(now)])?;
-        return Ok(Insert::Stored(Flag::Late));
+            .execute(params![r.device_id, epoch, to_ms(now), late])?;
+        return Ok(Insert::Stored(if late { Flag::Late } else { Flag::None }));
     }
     let placement = match &run {
         // Rule 2.
@@ -826,11 +837,9 @@ mod tests {
             put(&mut store, &[restarted(1), restarted(2)], at(10)),
             [Insert::Stored(Flag::Restart), STORED]
         );
-        // Seq 4 of the old count, made before the restart: run 0, late.
-        assert_eq!(
-            put(&mut store, &[routine(4)], at(20)),
-            [Insert::Stored(Flag::Late)]
-        );
+        // Seq 4 of the old count, made before the restart: run 0 (not late:
+        // nothing higher of run 0 left before it).
+        assert_eq!(put(&mut store, &[routine(4)], at(20)), [STORED]);
         // The new count goes on undisturbed: no second restart.
         assert_eq!(
             put(&mut store, &[restarted(3), restarted(4)], at(30)),
@@ -844,7 +853,7 @@ mod tests {
                 (3, 0, 0, false, false),
                 (1, 1, 0, false, true),
                 (2, 1, 0, false, false),
-                (4, 0, 0, true, false),
+                (4, 0, 0, false, false),
                 (3, 1, 0, false, false),
                 (4, 1, 0, false, false)
             ]

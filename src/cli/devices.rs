@@ -136,11 +136,12 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<()> {
     })?;
     match store.reset_device(&args.device, &args.reason)? {
         Some(run) => {
+            // The device id is patient data: the log says what was done,
+            // `operator_actions` says to which device.
             tracing::info!(
-                device = %args.device,
                 run,
                 reason = %args.reason,
-                "Device reset by an operator: its next reading begins a new run."
+                "Device reset by an operator: its next reading begins a new run (see `operator_actions`)."
             );
             println!(
                 "device `{}` reset: its next reading begins run {run}; recorded in `operator_actions`",

@@ -9,6 +9,7 @@ pub mod alarm;
 pub mod certs;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod failpoint;
 pub mod gateway;

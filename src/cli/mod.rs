@@ -224,9 +224,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config::DEFAULT_TOML);
             Ok(())
         }
+        #[cfg(feature = "demo")]
         Command::Demo(args) => {
             crate::demo::run(args.count, Duration::from_millis(args.interval_ms))
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo(_) => Err(UsageError(
+            "this hearth was built without the `demo` feature (a production build): run the demo from a checkout with `cargo run --release -- demo`".into(),
+        )
+        .into()),
     }
 }
 

@@ -180,8 +180,8 @@ pub fn is_resend(tx: &Connection, r: &Reading) -> rusqlite::Result<bool> {
 }
 
 /// Rules 2 to 6 for a reading that is not a resend; stores it unless it is
-/// held for a gap. Runs inside the caller's transaction. `alarm_for` is how long a restart or conflict keeps its
-/// alarm.
+/// held for a gap. Runs inside the caller's transaction. `alarm_for` is how
+/// long a restart or conflict keeps its alarm.
 pub fn take(
     tx: &Connection,
     r: &Reading,

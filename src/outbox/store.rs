@@ -48,8 +48,6 @@ const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, 
     WHERE state = 'queued' AND priority = ?1 ORDER BY id LIMIT ?2";
 const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
-/// Set once the broker was seen to lose our session.
-const LOSES_SESSIONS: &str = "broker_loses_sessions";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
 const CONNECT_PENDING: &str = "connect_pending";
 const EXCHANGE_READINGS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
@@ -857,8 +855,7 @@ impl Store {
     ///
     /// - [`Connack::Reset`] (our own clean session) and [`Connack::Absent`]:
     ///   every open exchange is void; its readings are queued again (the
-    ///   receiver deduplicates by reading id). An unexpected `Absent` also
-    ///   records that this broker loses sessions.
+    ///   receiver deduplicates by reading id).
     /// - [`Connack::Present`] after an earlier CONNECT whose CONNACK was never
     ///   seen: that CONNECT may have met a broker without our session and
     ///   made an empty one, which answers any PUBREL with PUBCOMP; MQTT 3.1.1
@@ -891,12 +888,6 @@ impl Store {
                 Connack::Present => 0,
             };
             let mut set = tx.prepare_cached(UPSERT_STATE)?;
-            if connack == Connack::Absent {
-                set.execute(params![
-                    LOSES_SESSIONS,
-                    Utc::now().timestamp_millis().to_string()
-                ])?;
-            }
             if n > 0 && connack != Connack::Reset {
                 let total: u64 = tx
                     .query_row(

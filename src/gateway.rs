@@ -23,6 +23,7 @@ use crate::mqtt::publisher::Publisher;
 use crate::mqtt::tls;
 use crate::outbox::{StoreError, StoreHandle};
 use crate::serial::reader::SerialReader;
+use crate::watchdog::{self, Beats, Extending};
 
 /// How long tasks get to finish after shutdown is requested.
 const GRACE: Duration = Duration::from_secs(10);
@@ -77,10 +78,14 @@ impl Gateway {
             &config.mqtt.key_file,
         )?;
         let max_bytes = (config.store.max_size_mb * 1024.0 * 1024.0) as u64;
+        // The integrity check of a large store on a slow SD card may outlast
+        // systemd's start timeout: ask for more time while it runs.
+        let extending = Extending::start("Checking the store's integrity");
         let (store, moved_aside) = StoreHandle::open_gateway(&config.store.path, max_bytes)
             .with_context(|| {
                 format!("cannot start with store `{}`", config.store.path.display())
             })?;
+        drop(extending);
         let alarms = Alarms::default();
         if let Some(aside) = moved_aside {
             alarms.raise("store-recovered");
@@ -95,18 +100,25 @@ impl Gateway {
         // without pretending that a signal asked for it.
         let stop = shutdown.child_token();
         let mut tasks = Tasks::default();
+        let beats = Beats::default();
         let reader = SerialReader::new(
             config.serial.port.clone(),
             config.serial.baud_rate,
             store.clone(),
             alarms.clone(),
         )
-        .with_device_alarm(Duration::from_secs(config.serial.device_alarm_secs));
+        .with_device_alarm(Duration::from_secs(config.serial.device_alarm_secs))
+        .with_beat(beats.reader.clone());
         tasks.spawn("serial reader", reader.run(stop.clone()));
-        let publisher = Publisher::new(config.clone(), store.clone(), tls, alarms.clone());
+        let publisher = Publisher::new(config.clone(), store.clone(), tls, alarms.clone())
+            .with_beat(beats.publisher.clone());
         tasks.spawn("publisher", publisher.run(stop.clone()));
         let pruner = Pruner::new(config.clone(), store.clone());
         tasks.spawn("pruner", pruner.run(stop.clone()));
+        tasks.spawn(
+            "watchdog",
+            watchdog::run(beats, store.clone(), stop.clone()),
+        );
         ready();
         tracing::info!(gateway = %config.gateway_id, "Gateway running.");
 

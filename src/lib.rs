@@ -18,3 +18,4 @@ pub mod outbox;
 pub mod reading;
 pub mod serial;
 pub mod simulator;
+pub mod watchdog;

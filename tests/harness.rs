@@ -168,6 +168,13 @@ impl Hearth {
         self.child = Some(child);
     }
 
+    /// Whether the process is still alive (not exited, not reaped).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("hearth is running").id()
     }

@@ -14,3 +14,4 @@ mod slow_link;
 mod support;
 mod support_kit_selftest;
 mod support_selftest;
+mod watchdog;

@@ -67,6 +67,7 @@ use crate::config::Config;
 use crate::failpoint;
 use crate::outbox::{Connack, Queued, StoreError, StoreHandle};
 use crate::reading::Priority;
+use crate::watchdog::{BEAT_EVERY, Beat};
 
 /// Exchanges kept free for alerts when routine readings fill the window.
 const RESERVED_FOR_ALERTS: usize = 2;
@@ -291,6 +292,8 @@ pub struct Publisher {
     connected: bool,
     /// The store refused a new exchange (logged once until it takes one).
     store_full: bool,
+    /// The watchdog's beat (see [`crate::watchdog`]).
+    beat: Arc<Beat>,
 }
 
 impl Publisher {
@@ -317,7 +320,14 @@ impl Publisher {
             unsent: None,
             connected: false,
             store_full: false,
+            beat: Beat::detached("publisher"),
         }
+    }
+
+    /// The watchdog's beat this publisher keeps.
+    pub fn with_beat(mut self, beat: Arc<Beat>) -> Publisher {
+        self.beat = beat;
+        self
     }
 
     /// Connects, serves, reconnects with capped jittered backoff; returns
@@ -330,6 +340,7 @@ impl Publisher {
         let broker = format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port);
         let mut attempt: u32 = 0;
         loop {
+            self.beat.idle_tick().await;
             let started = Instant::now();
             self.connected = false;
             let error = match self.connect_and_serve(&shutdown).await {
@@ -357,6 +368,8 @@ impl Publisher {
             }
             let delay = backoff(min, max, attempt);
             attempt = attempt.saturating_add(1);
+            // A broker that is down is a real reason to be idle.
+            self.beat.waiting(delay);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
@@ -375,6 +388,9 @@ impl Publisher {
         // A store that never had a broker session (first start, or a damaged
         // database replaced) must not inherit one: the broker may hold packet
         // ids from an earlier store that this one would hand out again.
+        // TCP, TLS, CONNACK and the resume: each I/O step is bounded by
+        // the keep-alive.
+        self.beat.waiting(self.config.keep_alive() * 4);
         let session_state = self.store.call(|s| s.state(SESSION_KEY)).await?;
         let established = session_state.is_some();
         self.record_broker("connecting", "").await;
@@ -529,9 +545,14 @@ impl Publisher {
         let beat = Duration::from_secs(self.config.mqtt.heartbeat_secs);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut beat = tokio::time::interval(BEAT_EVERY);
+        beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
+            // Writes are bounded by the keep-alive each.
+            self.beat.waiting(keep_alive);
             self.fill(conn).await?;
+            self.beat.tick();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -559,6 +580,9 @@ impl Publisher {
                 _ = heartbeat.tick() => {
                     self.publish_status(conn, Reason::Heartbeat, session).await?;
                 }
+                // An idle link (nothing queued, nothing to answer) is a
+                // real reason to wait.
+                _ = beat.tick() => self.beat.idle_tick().await,
             }
         }
     }

@@ -14,6 +14,7 @@
 //! backoff.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -25,6 +26,7 @@ use crate::alarm::Alarms;
 use crate::outbox::ingest::{CONFLICT_ALARM, RESTART_ALARM};
 use crate::outbox::{Flag, Insert, RejectedFrame, StoreHandle};
 use crate::reading::Reading;
+use crate::watchdog::{BEAT_EVERY, Beat};
 
 const REOPEN_MIN: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(5);
@@ -87,6 +89,7 @@ pub struct SerialReader {
     store: StoreHandle,
     alarms: Alarms,
     device_alarm: Duration,
+    beat: Arc<Beat>,
 }
 
 /// Rate limit of the INFO lines about rejected frames, per reject code, so
@@ -106,7 +109,14 @@ impl SerialReader {
             store,
             alarms,
             device_alarm: crate::outbox::store::DEVICE_ALARM,
+            beat: Beat::detached("serial reader"),
         }
+    }
+
+    /// The watchdog's beat this reader keeps (see [`crate::watchdog`]).
+    pub fn with_beat(mut self, beat: Arc<Beat>) -> SerialReader {
+        self.beat = beat;
+        self
     }
 
     /// How long a device restart or seq conflict keeps its alarm.
@@ -131,6 +141,7 @@ impl SerialReader {
         let mut delay = REOPEN_MIN;
         let mut waiting_logged = false;
         loop {
+            self.beat.idle_tick().await;
             match open_port(&self.path, self.baud) {
                 Ok(port) => {
                     tracing::info!(port = %self.path.display(), "Serial port opened.");
@@ -153,6 +164,8 @@ impl SerialReader {
                     }
                 }
             }
+            // Waiting for the port is a real reason to be idle.
+            self.beat.waiting(delay);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
@@ -186,6 +199,8 @@ impl SerialReader {
         let mut log = RejectLog::default();
         let mut alarm_check = tokio::time::interval(ALARM_CHECK_EVERY);
         alarm_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beat = tokio::time::interval(BEAT_EVERY);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -194,7 +209,13 @@ impl SerialReader {
                     self.refresh_device_alarms().await;
                     continue;
                 }
+                // A silent device is a real reason to be idle.
+                _ = beat.tick() => {
+                    self.beat.idle_tick().await;
+                    continue;
+                }
             };
+            self.beat.tick();
             if n == 0 {
                 return Err(SerialError::Closed(self.path.clone()));
             }
@@ -230,6 +251,7 @@ impl SerialReader {
                 port.write_all(&replies).await?;
                 port.flush().await
             };
+            self.beat.waiting(WRITE_TIMEOUT);
             match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                 Ok(r) => r.map_err(io)?,
                 Err(_) => return Err(SerialError::WriteTimeout(self.path.clone())),

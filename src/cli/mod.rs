@@ -3,6 +3,7 @@
 //! code (2 for a bad config or bad arguments, 1 otherwise).
 
 mod devices;
+mod docs;
 mod readings;
 
 use std::path::PathBuf;
@@ -62,6 +63,19 @@ pub enum Command {
     /// The whole pipeline on this machine: throwaway certificates, an
     /// embedded broker, a simulated implant and a subscriber.
     Demo(DemoArgs),
+    /// Print the shell completion script (the package installs those for
+    /// bash, zsh and fish).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page `hearth.1`, or write every page into a folder.
+    Man {
+        /// Write `hearth.1` and one page per subcommand (`hearth-run.1`, …)
+        /// into this folder instead.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +247,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             "this hearth was built without the `demo` feature (a production build): run the demo from a checkout with `cargo run --release -- demo`".into(),
         )
         .into()),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man { out: None } => docs::man_page(),
+        Command::Man { out: Some(dir) } => docs::man_pages(&dir),
     }
 }
 

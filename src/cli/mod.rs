@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Config};
+use crate::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,10 +33,20 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The log's shape: `auto` is journald (with structured fields) when
+    /// systemd connected stderr to the journal, else text.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway: serial port -> store -> broker.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Simulate a bedside device on a serial port or a new pseudo-terminal.
     Simulate(SimulateArgs),
     /// Show stored readings.
@@ -206,7 +217,7 @@ pub struct UsageError(pub String);
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(c) => run_gateway(&c),
+        Command::Run(args) => run_gateway(&args),
         Command::Simulate(args) => simulate(args),
         Command::Readings {
             command: ReadingsCommand::List(args),
@@ -253,19 +264,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Text logging on stderr for the commands other than `run`.
 pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    crate::logging::init(default, LogFormat::Text);
 }
 
-fn run_gateway(c: &ConfigArg) -> anyhow::Result<()> {
-    let config = Config::load(&c.config)?;
-    init_logging(&config.log_level);
+fn run_gateway(args: &RunArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config.config)?;
+    crate::logging::init(&config.log_level, args.log_format);
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();

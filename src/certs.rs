@@ -22,13 +22,17 @@
 //! not even for a moment; it ends at mode 0600.
 //! The CA key is not written at all: nothing can be signed with this PKI
 //! after `generate` returns.
+//!
+//! [`not_after`] reads when any certificate file expires (the health check
+//! uses it on the configured ones), with a small DER walker instead of an
+//! X.509 crate.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use chrono::{Datelike, Days, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Days, NaiveDate, Utc};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -55,6 +59,13 @@ pub enum CertError {
     Generate {
         what: &'static str,
         source: rcgen::Error,
+    },
+    #[error("cannot read certificates from `{path}`: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("certificate in `{path}` is not a valid X.509 certificate: {problem}")]
+    Parse {
+        path: PathBuf,
+        problem: &'static str,
     },
 }
 
@@ -246,6 +257,152 @@ fn write_key(path: &Path, pem: &str) -> Result<(), CertError> {
     })
 }
 
+/// When the certificates in a PEM file stop being valid: the earliest
+/// notAfter among them, since a chain (leaf, then intermediates) or a CA
+/// bundle fails as soon as its first certificate expires. For the health
+/// check, so that it needs no X.509 crate: see [`der_not_after`].
+pub fn not_after(pem_path: &Path) -> Result<DateTime<Utc>, CertError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let read = |message: String| CertError::Read {
+        path: pem_path.to_path_buf(),
+        message,
+    };
+    let ders = CertificateDer::pem_file_iter(pem_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| read(e.to_string()))?;
+    let mut earliest: Option<DateTime<Utc>> = None;
+    for der in &ders {
+        let t = der_not_after(der).map_err(|problem| CertError::Parse {
+            path: pem_path.to_path_buf(),
+            problem,
+        })?;
+        earliest = Some(earliest.map_or(t, |e| e.min(t)));
+    }
+    earliest.ok_or_else(|| read("no `BEGIN CERTIFICATE` block in it".into()))
+}
+
+/// The notAfter of one DER certificate, found by walking just far enough
+/// into it (RFC 5280, 4.1): Certificate, TBSCertificate, then past the
+/// optional `[0]` version, serialNumber, signature and issuer to Validity,
+/// whose second time is notAfter. Garbage of any kind is an error, never a
+/// panic.
+pub fn der_not_after(der: &[u8]) -> Result<DateTime<Utc>, &'static str> {
+    let mut input = der;
+    let mut certificate = der_expect(&mut input, DER_SEQUENCE, "it is not a SEQUENCE")?;
+    if !input.is_empty() {
+        return Err("bytes follow the certificate");
+    }
+    let mut tbs = der_expect(
+        &mut certificate,
+        DER_SEQUENCE,
+        "its tbsCertificate is not a SEQUENCE",
+    )?;
+    let (mut tag, _) = der_tlv(&mut tbs)?;
+    if tag == DER_VERSION {
+        (tag, _) = der_tlv(&mut tbs)?;
+    }
+    if tag != DER_INTEGER {
+        return Err("its serialNumber is not an INTEGER");
+    }
+    der_expect(&mut tbs, DER_SEQUENCE, "its signature is not a SEQUENCE")?;
+    der_expect(&mut tbs, DER_SEQUENCE, "its issuer is not a SEQUENCE")?;
+    let mut validity = der_expect(&mut tbs, DER_SEQUENCE, "its validity is not a SEQUENCE")?;
+    let (tag, not_before) = der_tlv(&mut validity)?;
+    der_time(tag, not_before)?;
+    let (tag, not_after) = der_tlv(&mut validity)?;
+    der_time(tag, not_after)
+}
+
+const DER_INTEGER: u8 = 0x02;
+const DER_UTC_TIME: u8 = 0x17;
+const DER_GENERALIZED_TIME: u8 = 0x18;
+const DER_SEQUENCE: u8 = 0x30;
+/// `[0] EXPLICIT`, the version field of a v2 or v3 certificate.
+const DER_VERSION: u8 = 0xa0;
+const DER_TRUNCATED: &str = "it is cut short";
+
+/// Takes one tag-length-value from the front of `input`; returns its tag
+/// and contents. Only what certificates use: one-byte tags, definite
+/// lengths of up to four bytes.
+fn der_tlv<'a>(input: &mut &'a [u8]) -> Result<(u8, &'a [u8]), &'static str> {
+    let bytes: &'a [u8] = input;
+    let [tag, first, rest @ ..] = bytes else {
+        return Err(DER_TRUNCATED);
+    };
+    if tag & 0x1f == 0x1f {
+        return Err("it has a multi-byte tag");
+    }
+    let (len, rest) = match *first {
+        n @ 0..=0x7f => (usize::from(n), rest),
+        n @ 0x81..=0x84 => {
+            let n = usize::from(n & 0x7f);
+            if rest.len() < n {
+                return Err(DER_TRUNCATED);
+            }
+            let (len, rest) = rest.split_at(n);
+            (
+                len.iter().fold(0, |acc, b| acc << 8 | usize::from(*b)),
+                rest,
+            )
+        }
+        _ => return Err("it has an indefinite or oversized length"),
+    };
+    if rest.len() < len {
+        return Err(DER_TRUNCATED);
+    }
+    let (body, rest) = rest.split_at(len);
+    *input = rest;
+    Ok((*tag, body))
+}
+
+/// [`der_tlv`], failing with `problem` unless the tag is `tag`.
+fn der_expect<'a>(
+    input: &mut &'a [u8],
+    tag: u8,
+    problem: &'static str,
+) -> Result<&'a [u8], &'static str> {
+    match der_tlv(input)? {
+        (t, body) if t == tag => Ok(body),
+        _ => Err(problem),
+    }
+}
+
+/// A validity time as RFC 5280 (4.1.2.5) has CAs write it: UTCTime
+/// `YYMMDDHHMMSSZ` up to 2049 (YY of 50 and above is 19YY) and
+/// GeneralizedTime `YYYYMMDDHHMMSSZ` from 2050; always UTC, with seconds,
+/// without fractions.
+fn der_time(tag: u8, body: &[u8]) -> Result<DateTime<Utc>, &'static str> {
+    const BAD: &str = "a validity time is not YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ";
+    let number = |digits: &[u8]| -> Result<u32, &'static str> {
+        digits.iter().try_fold(0, |acc, d| match d {
+            b'0'..=b'9' => Ok(acc * 10 + u32::from(d - b'0')),
+            _ => Err(BAD),
+        })
+    };
+    let (year, rest) = match (tag, body.len()) {
+        (DER_UTC_TIME, 13) => match number(&body[..2])? {
+            yy @ 50.. => (1900 + yy, &body[2..]),
+            yy => (2000 + yy, &body[2..]),
+        },
+        (DER_GENERALIZED_TIME, 15) => (number(&body[..4])?, &body[4..]),
+        (DER_UTC_TIME | DER_GENERALIZED_TIME, _) => return Err(BAD),
+        _ => return Err("a validity time is neither UTCTime nor GeneralizedTime"),
+    };
+    let [fields @ .., b'Z'] = rest else {
+        return Err(BAD);
+    };
+    // Month, day, hour, minute, second: two digits each.
+    let mut f = [0; 5];
+    for (i, value) in f.iter_mut().enumerate() {
+        *value = number(&fields[2 * i..2 * i + 2])?;
+    }
+    NaiveDate::from_ymd_opt(year as i32, f[0], f[1])
+        .and_then(|day| day.and_hms_opt(f[2], f[3], f[4]))
+        .map(|t| t.and_utc())
+        .ok_or("a validity time is not a real date and time")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +541,144 @@ mod tests {
         let message = err.to_string();
         assert!(message.starts_with("cannot write `"), "{message}");
         assert!(message.contains("ca.crt"), "{message}");
+    }
+
+    /// A self-signed certificate valid until `secs` after midnight UTC of
+    /// the given day, as PEM.
+    fn pem_until(year: i32, month: u8, day: u8, secs: u64) -> String {
+        let mut params = base_params("expiry test");
+        params.not_after =
+            rcgen::date_time_ymd(year, month, day) + std::time::Duration::from_secs(secs);
+        let key = new_key("test key").unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn not_after_reads_a_utc_time_before_2050() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("until-2049.crt");
+        fs::write(&path, pem_until(2049, 12, 31, 86_399)).unwrap();
+        assert!(contains(&cert(&path), b"\x17\x0d491231235959Z"));
+        assert_eq!(not_after(&path).unwrap(), utc("2049-12-31T23:59:59Z"));
+    }
+
+    #[test]
+    fn not_after_reads_a_generalized_time_from_2050() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("until-2050.crt");
+        fs::write(&path, pem_until(2050, 1, 1, 1)).unwrap();
+        assert!(contains(&cert(&path), b"\x18\x0f20500101000001Z"));
+        assert_eq!(not_after(&path).unwrap(), utc("2050-01-01T00:00:01Z"));
+    }
+
+    #[test]
+    fn utc_time_years_from_50_are_the_1900s() {
+        for (text, expected) in [
+            (&b"500101000000Z"[..], "1950-01-01T00:00:00Z"),
+            (b"991231235959Z", "1999-12-31T23:59:59Z"),
+            (b"000229120000Z", "2000-02-29T12:00:00Z"),
+            (b"491231235959Z", "2049-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(der_time(DER_UTC_TIME, text), Ok(utc(expected)));
+        }
+    }
+
+    #[test]
+    fn validity_times_outside_rfc_5280_are_refused() {
+        for (tag, text) in [
+            (DER_UTC_TIME, &b"4912312359590"[..]),
+            (DER_UTC_TIME, b"4912312359Z"),
+            (DER_UTC_TIME, b"491231235959+0100"),
+            (DER_UTC_TIME, b"491331235959Z"),
+            (DER_UTC_TIME, b"490230235959Z"),
+            (DER_UTC_TIME, b"4912312359a9Z"),
+            (DER_UTC_TIME, b"49123123595\xc3\xa9"),
+            (DER_GENERALIZED_TIME, b"20500101000001.5Z"),
+            (DER_GENERALIZED_TIME, b"491231235959Z"),
+            (0x04, b"491231235959Z"),
+        ] {
+            assert!(
+                der_time(tag, text).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+    }
+
+    #[test]
+    fn not_after_of_a_chain_is_its_earliest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("chain.crt");
+        let chain = [(2040, 0), (2030, 7), (2060, 0)]
+            .map(|(year, secs)| pem_until(year, 6, 1, secs))
+            .concat();
+        fs::write(&path, chain).unwrap();
+        assert_eq!(not_after(&path).unwrap(), utc("2030-06-01T00:00:07Z"));
+    }
+
+    #[test]
+    fn not_after_of_the_dev_certs_is_a_year_ahead() {
+        let (_tmp, certs) = generate();
+        let expected = (Utc::now().date_naive() + Days::new(VALIDITY_DAYS))
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        for path in [&certs.ca_cert, &certs.gateway_cert, &certs.server_cert] {
+            assert_eq!(not_after(path).unwrap(), expected, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn every_cut_and_every_flipped_byte_of_a_certificate_is_handled_without_panic() {
+        let (_tmp, certs) = generate();
+        let der = cert(&certs.gateway_cert).to_vec();
+        assert!(der_not_after(&der).is_ok());
+        for n in 0..der.len() {
+            assert!(der_not_after(&der[..n]).is_err(), "cut at {n}");
+        }
+        let mut longer = der.clone();
+        longer.push(0);
+        assert_eq!(der_not_after(&longer), Err("bytes follow the certificate"));
+        for i in 0..der.len() {
+            for byte in [0x00, 0x80, 0xff] {
+                let mut bad = der.clone();
+                bad[i] = byte;
+                let _ = der_not_after(&bad);
+            }
+        }
+    }
+
+    #[test]
+    fn not_after_errors_name_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("missing.crt");
+        let empty = tmp.path().join("empty.crt");
+        fs::write(&empty, "").unwrap();
+        let garbage = tmp.path().join("garbage.crt");
+        fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (path, says) in [
+            (&missing, "cannot read certificates from `"),
+            (&empty, "no `BEGIN CERTIFICATE` block"),
+            (
+                &garbage,
+                "is not a valid X.509 certificate: it is not a SEQUENCE",
+            ),
+        ] {
+            let message = not_after(path).unwrap_err().to_string();
+            assert!(message.contains(says), "{message}");
+            assert!(message.contains(&path.display().to_string()), "{message}");
+        }
     }
 }

@@ -61,6 +61,10 @@ pub struct SerialConfig {
     /// clears by itself; `hearth devices reset` clears it at once.
     #[serde(default = "defaults::device_alarm_secs")]
     pub device_alarm_secs: u64,
+    /// Seconds without a reading after which `hearth status` says the
+    /// implant is silent (a health-check failure).
+    #[serde(default = "defaults::silence_alarm_secs")]
+    pub silence_alarm_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +130,9 @@ pub(crate) mod defaults {
     }
     pub fn device_alarm_secs() -> u64 {
         3600
+    }
+    pub fn silence_alarm_secs() -> u64 {
+        900
     }
     pub fn retention_days() -> u32 {
         30
@@ -225,6 +232,9 @@ impl Config {
         }
         if self.serial.device_alarm_secs == 0 {
             return Err(self.invalid("serial.device_alarm_secs", "must be at least 1"));
+        }
+        if self.serial.silence_alarm_secs == 0 {
+            return Err(self.invalid("serial.silence_alarm_secs", "must be at least 1"));
         }
         let dir = match self.store.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),

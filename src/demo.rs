@@ -175,6 +175,7 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
             port: pty.into(),
             baud_rate: 115_200,
             device_alarm_secs: crate::config::defaults::device_alarm_secs(),
+            silence_alarm_secs: crate::config::defaults::silence_alarm_secs(),
         },
         store: StoreConfig {
             path: dir.join("hearth.db"),

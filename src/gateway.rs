@@ -116,6 +116,11 @@ impl Gateway {
         let pruner = Pruner::new(config.clone(), store.clone());
         tasks.spawn("pruner", pruner.run(stop.clone()));
         tasks.spawn(
+            "health",
+            crate::health::Health::new(config.clone(), store.clone(), alarms.clone())
+                .run(stop.clone()),
+        );
+        tasks.spawn(
             "watchdog",
             watchdog::run(beats, store.clone(), stop.clone()),
         );

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod failpoint;
 pub mod gateway;
+pub mod health;
 pub mod logging;
 pub mod mqtt;
 pub mod outbox;

@@ -20,8 +20,10 @@ fn status(config: &std::path::Path) -> Value {
         "--config",
         config.to_str().unwrap(),
     ]);
-    assert_eq!(code, 0, "hearth status failed: {err}");
-    serde_json::from_str(&out).unwrap()
+    // Exit 1 is also "needs attention" (an alarm these tests raise on
+    // purpose); the view is printed either way.
+    assert!(code == 0 || code == 1, "hearth status failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("no status view ({e}): {err}"))
 }
 
 fn delivered_ids(all: &[Received]) -> Vec<String> {
@@ -585,7 +587,8 @@ fn an_exchange_the_broker_never_answers_is_finished_on_a_new_connection() {
         rig.broker.log_tail(40)
     );
     // Counted after hearth stopped, so a late duplicate would show.
-    assert!(hearth_run.stop().success());
+    let status = hearth_run.stop();
+    assert!(status.success(), "{status}\n{}", hearth_run.log_text());
     assert_eq!(
         delivered_ids(&receiver.deliveries()),
         vec!["gw-norec/PM-000001/1".to_owned()]

@@ -59,7 +59,8 @@ pub enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
-    /// Show what the gateway holds and how its links are.
+    /// Show what the gateway holds and how its links are; a health check:
+    /// exits 1 when something needs attention (listed under `problems`).
     Status {
         #[command(flatten)]
         config: ConfigArg,

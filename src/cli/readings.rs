@@ -1,5 +1,6 @@
 //! `hearth readings list` and `hearth status`: read-only views of the store,
-//! safe while `hearth run` writes to it.
+//! safe while `hearth run` writes to it. `hearth status` is also the health
+//! check: it exits 1 when something needs attention ([`crate::health`]).
 
 use std::io::Write;
 
@@ -9,6 +10,9 @@ use serde::Serialize;
 
 use super::{ConfigArg, Format, UsageError};
 use crate::config::Config;
+use crate::health::{
+    self, CertRole, CertificateFact, CertificateRecord, Facts, Limits, Link, ProcessRecord,
+};
 use crate::mqtt::payload::time_format::rfc3339;
 use crate::outbox::{Counts, ListFilter, ReadingRow, Store};
 
@@ -174,9 +178,24 @@ fn table(out: &mut impl Write, rows: &[ReadingRow]) -> std::io::Result<()> {
     writeln!(out, "{} reading(s)", rows.len())
 }
 
+/// `hearth status` found something that needs an operator: exit code 1,
+/// after the whole view is printed (`main` adds this line on stderr).
+#[derive(Debug, thiserror::Error)]
+#[error("gateway `{gateway}` needs attention: {}", .problems.join("; "))]
+pub struct NeedsAttention {
+    pub gateway: String,
+    pub problems: Vec<String>,
+}
+
 #[derive(Debug, Serialize)]
 struct StatusView {
     gateway: String,
+    /// False when `problems` is not empty; `hearth status` then exits 1.
+    healthy: bool,
+    /// What needs an operator, worst first (see [`crate::health`]).
+    problems: Vec<ProblemView>,
+    /// The `hearth run` process as it recorded itself; `None` if none did.
+    process: Option<ProcessView>,
     database: String,
     readings: Counts,
     oldest_queued_age_secs: Option<i64>,
@@ -186,11 +205,53 @@ struct StatusView {
     requeued_after_lost_session: u64,
     /// Active alarms as last recorded by the running gateway.
     alarms: Vec<String>,
+    /// The client and CA certificates of the configuration, read from disk.
+    certificates: Vec<CertificateView>,
     /// Where a damaged database was moved at start, if one was.
     #[serde(skip_serializing_if = "Option::is_none")]
     moved_aside: Option<String>,
 }
 
+#[derive(Debug, Serialize)]
+struct ProblemView {
+    /// Stable for scripts: `not-running`, `broker-unreachable`,
+    /// `implant-silent`, `alarm`, `certificate-expiring`.
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ProcessView {
+    pid: u32,
+    /// Whether that process runs now.
+    running: bool,
+    version: String,
+    started: DateTime<Utc>,
+    /// Seconds since it started, while it runs.
+    uptime_secs: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct CertificateView {
+    role: CertRole,
+    file: String,
+    /// The earliest notAfter in the file as it is on disk.
+    not_after: Option<DateTime<Utc>>,
+    /// Whole days until then; negative once expired.
+    days_left: Option<i64>,
+    /// What the running gateway loaded, when that differs from the file
+    /// (a renewed file is used only after a restart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_use_not_after: Option<DateTime<Utc>>,
+    /// Why the file could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Prints the gateway's state; fails with [`NeedsAttention`] (exit code 1)
+/// when [`health::problems`] finds anything, so that it serves as a health
+/// check. Certificates are read from the files the configuration names, so
+/// their expiry shows even while the gateway is down.
 pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
     let (c, store) = open(config)?;
     let counts = store.counts()?;
@@ -200,31 +261,110 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
             .and_then(|v| serde_json::from_str(&v).ok()))
     };
     let now = Utc::now();
+    let process: Option<ProcessRecord> =
+        json_state("process")?.and_then(|v| serde_json::from_value(v).ok());
+    let running = process.as_ref().is_some_and(ProcessRecord::is_running);
+    let broker = json_state("broker")?;
+    let serial = json_state("serial")?;
+    let alarms: Vec<String> = json_state("alarms")?
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+
+    let mut certificates = Vec::new();
+    let mut certificate_facts = Vec::new();
+    for role in [CertRole::Client, CertRole::Ca] {
+        let file = role.file(&c);
+        let in_use = json_state(role.state_key())?
+            .and_then(|v| serde_json::from_value::<CertificateRecord>(v).ok())
+            .filter(|record| running && record.file == file)
+            .map(|record| record.not_after());
+        let on_disk = crate::certs::not_after(file);
+        let not_after = on_disk.as_ref().ok().copied();
+        certificates.push(CertificateView {
+            role,
+            file: file.display().to_string(),
+            not_after,
+            days_left: not_after.map(|t| (t - now).num_days()),
+            in_use_not_after: in_use.filter(|t| Some(*t) != not_after),
+            error: on_disk.as_ref().err().map(ToString::to_string),
+        });
+        certificate_facts.push(CertificateFact {
+            role,
+            file: file.to_path_buf(),
+            on_disk: not_after,
+            in_use,
+        });
+    }
+
+    let facts = Facts {
+        now,
+        process: process.clone().map(|p| (p, running)),
+        broker: broker.as_ref().and_then(Link::from_json),
+        serial: serial.as_ref().and_then(Link::from_json),
+        last_received: counts.last_received,
+        alarms: alarms.clone(),
+        certificates: certificate_facts,
+    };
+    let problems = health::problems(&facts, &Limits::for_config(&c));
     let view = StatusView {
         gateway: c.gateway_id.clone(),
+        healthy: problems.is_empty(),
+        problems: problems
+            .iter()
+            .map(|p| ProblemView {
+                code: p.code(),
+                message: p.to_string(),
+            })
+            .collect(),
+        process: process.map(|p| ProcessView {
+            pid: p.pid,
+            running,
+            started: p.started(),
+            uptime_secs: running.then(|| (now - p.started()).num_seconds()),
+            version: p.version,
+        }),
         database: c.store.path.display().to_string(),
         oldest_queued_age_secs: counts.oldest_queued.map(|t| (now - t).num_seconds()),
         readings: counts,
         session: store.state("session")?.and_then(|v| v.parse().ok()),
-        broker: json_state("broker")?,
-        serial: json_state("serial")?,
+        broker,
+        serial,
         requeued_after_lost_session: store
             .state("requeued_after_lost_session")?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        alarms: store
-            .state("alarms")?
-            .and_then(|v| serde_json::from_str(&v).ok())
-            .unwrap_or_default(),
+        alarms,
+        certificates,
         moved_aside: store.state("moved_aside")?,
     };
     let mut out = std::io::stdout().lock();
-    if format != Format::Table {
+    if format == Format::Table {
+        status_table(&mut out, &view, now)?;
+    } else {
         serde_json::to_writer_pretty(&mut out, &view)?;
         writeln!(out)?;
+    }
+    out.flush()?;
+    if view.healthy {
         return Ok(());
     }
-    let t = |v: Option<DateTime<Utc>>| v.map(|t| rfc3339(&t)).unwrap_or_else(|| "never".into());
+    Err(NeedsAttention {
+        gateway: view.gateway,
+        problems: view.problems.into_iter().map(|p| p.message).collect(),
+    }
+    .into())
+}
+
+fn status_table(
+    out: &mut impl Write,
+    view: &StatusView,
+    now: DateTime<Utc>,
+) -> std::io::Result<()> {
+    let ago = |t: DateTime<Utc>| match (now - t).to_std() {
+        Ok(d) => format!("{} ({} ago)", rfc3339(&t), health::human(d)),
+        Err(_) => rfc3339(&t),
+    };
+    let t = |v: Option<DateTime<Utc>>| v.map(ago).unwrap_or_else(|| "never".into());
     let link = |v: &Option<serde_json::Value>| match v {
         Some(v) => {
             let since = v["since"]
@@ -244,6 +384,24 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
     };
     let r = &view.readings;
     writeln!(out, "gateway          {}", view.gateway)?;
+    let process = match &view.process {
+        Some(p) if p.running => format!(
+            "pid {}, running for {} (hearth {})",
+            p.pid,
+            health::human(std::time::Duration::from_secs(
+                p.uptime_secs.unwrap_or(0).max(0) as u64
+            )),
+            p.version
+        ),
+        Some(p) => format!(
+            "pid {}, not running (started {}, hearth {})",
+            p.pid,
+            rfc3339(&p.started),
+            p.version
+        ),
+        None => "unknown (has `hearth run` started?)".into(),
+    };
+    writeln!(out, "process          {process}")?;
     writeln!(out, "database         {}", view.database)?;
     writeln!(out, "broker           {}", link(&view.broker))?;
     writeln!(out, "serial           {}", link(&view.serial))?;
@@ -281,6 +439,24 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
             view.alarms.join(", ")
         }
     )?;
+    for c in &view.certificates {
+        let label = match c.role {
+            CertRole::Client => "certificate     ",
+            CertRole::Ca => "CA certificate  ",
+        };
+        let mut line = match (&c.not_after, c.days_left, &c.error) {
+            (Some(end), Some(days), _) if *end > now => {
+                format!("`{}` until {} ({days} days left)", c.file, rfc3339(end))
+            }
+            (Some(end), _, _) => format!("`{}` expired {}", c.file, rfc3339(end)),
+            (_, _, Some(error)) => format!("unknown: {error}"),
+            _ => format!("`{}` unknown", c.file),
+        };
+        if let Some(in_use) = &c.in_use_not_after {
+            line.push_str(&format!("; hearth uses one until {}", rfc3339(in_use)));
+        }
+        writeln!(out, "{label} {line}")?;
+    }
     if let Some(aside) = &view.moved_aside {
         writeln!(
             out,
@@ -293,6 +469,13 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
             "requeued         {} reading(s) after the broker lost the session",
             view.requeued_after_lost_session
         )?;
+    }
+    if view.healthy {
+        return writeln!(out, "health           ok");
+    }
+    writeln!(out, "health           needs attention")?;
+    for p in &view.problems {
+        writeln!(out, "  - {}", p.message)?;
     }
     Ok(())
 }

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Every check and test hearth has, from a clean checkout on Debian.
-# Installs what the tests need (mosquitto, its clients, socat, openssl) when
-# missing, then: cargo fmt --check, cargo clippy -D warnings, cargo test.
+# Every check and test hearth has, from a clean checkout on Debian (as root, or
+# with sudo for the installs and the system test).
+# Installs what the tests need (mosquitto, its clients, socat, openssl; Debian's
+# systemd tools; cargo-deb) when missing, then: cargo fmt --check, cargo clippy
+# -D warnings (with and without the demo), the unit's hardening score and
+# verify, cargo test, and hearth under a real systemd (tests/system/run.sh,
+# which also builds, installs, upgrades and purges the .deb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +21,10 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+command -v cargo-deb >/dev/null || {
+    echo "test.sh: installing cargo-deb"
+    cargo install cargo-deb --locked --version 3.8.0 --quiet
+}
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" \
         || rustup component add "$component"
@@ -28,5 +36,13 @@ echo "test.sh: cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 # The production build leaves the demo and its embedded broker out.
 cargo clippy --all-targets --locked --no-default-features -- -D warnings
+echo "test.sh: the systemd unit (scripts/check-unit.sh)"
+scripts/check-unit.sh
 echo "test.sh: cargo test"
 cargo test --all-targets --locked
+echo "test.sh: hearth under a real systemd (tests/system/run.sh)"
+if [ "$(id -u)" -eq 0 ]; then
+    HEARTH_SYS_PACKAGE=1 tests/system/run.sh
+else
+    sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,CARGO_TARGET_DIR HEARTH_SYS_PACKAGE=1 tests/system/run.sh
+fi

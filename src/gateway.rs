@@ -150,7 +150,15 @@ impl Gateway {
         }
         stop.cancel();
         if tokio::time::timeout(GRACE, tasks.wait_all()).await.is_err() {
-            tracing::warn!(grace = ?GRACE, "Tasks did not stop in time; exiting anyway.");
+            // An unclean stop must not look clean to the service manager;
+            // the store is safe as after a kill -9.
+            let running = tasks.running().join(", ");
+            tracing::error!(grace = ?GRACE, tasks = %running, "Tasks did not stop in time; exiting non-zero.");
+            if failed.is_none() {
+                anyhow::bail!(
+                    "tasks did not stop within {GRACE:?} of the shutdown request: {running} (nothing is lost: the store is safe as after a kill -9)"
+                );
+            }
         }
         match failed {
             Some(f) => Err(f.into()),
@@ -184,14 +192,21 @@ impl Tasks {
         Some(self.ended(joined))
     }
 
-    fn ended(&self, joined: Result<(Id, Result<(), String>), JoinError>) -> TaskFailed {
+    fn ended(&mut self, joined: Result<(Id, Result<(), String>), JoinError>) -> TaskFailed {
         let (id, cause) = match joined {
             Ok((id, Ok(()))) => (id, Ended::Returned),
             Ok((id, Err(e))) => (id, Ended::Failed(e)),
             Err(e) => (e.id(), Ended::Panicked(panic_message(e))),
         };
-        let task = self.names.get(&id).copied().unwrap_or("unnamed");
+        let task = self.names.remove(&id).unwrap_or("unnamed");
         TaskFailed { task, cause }
+    }
+
+    /// The names of the tasks still running (not yet joined).
+    fn running(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.names.values().copied().collect();
+        names.sort_unstable();
+        names
     }
 
     /// Waits for the others to end, logging any that failed meanwhile.

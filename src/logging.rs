@@ -3,9 +3,10 @@
 //! - Started by systemd with stderr connected to the journal
 //!   (`JOURNAL_STREAM` names stderr's device and inode), hearth writes to
 //!   journald natively: each event's fields become journal fields
-//!   (`HEARTH_TASK`, `HEARTH_ERROR`, …) beside `PRIORITY`, `TARGET`,
-//!   `CODE_FILE` and `CODE_LINE`, so `journalctl -u hearth HEARTH_TASK=publisher`
-//!   or `-p warning` filters without parsing text.
+//!   (`HEARTH_ERROR`, `HEARTH_TASK`, …) beside `PRIORITY`, `TARGET`,
+//!   `CODE_FILE` and `CODE_LINE`, so `journalctl -u hearth
+//!   TARGET=hearth::mqtt::publisher` or `-p warning` filters without parsing
+//!   text.
 //! - On a terminal: human-readable lines, coloured.
 //! - `--log-format json`: one JSON object a line, for a log shipper.
 //!

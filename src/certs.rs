@@ -257,11 +257,22 @@ fn write_key(path: &Path, pem: &str) -> Result<(), CertError> {
     })
 }
 
-/// When the certificates in a PEM file stop being valid: the earliest
-/// notAfter among them, since a chain (leaf, then intermediates) or a CA
-/// bundle fails as soon as its first certificate expires. For the health
-/// check, so that it needs no X.509 crate: see [`der_not_after`].
-pub fn not_after(pem_path: &Path) -> Result<DateTime<Utc>, CertError> {
+/// How the certificates of one PEM file are used, which decides when the
+/// file as a whole stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PemUse {
+    /// A chain presented to the peer (leaf, then intermediates): it fails
+    /// when its first certificate expires, so the earliest notAfter.
+    Chain,
+    /// Trust anchors (a CA bundle, e.g. the old and the new root during a
+    /// rollover): it works while any one is valid, so the latest notAfter.
+    Anchors,
+}
+
+/// When the certificates in a PEM file stop being valid, for their `use`:
+/// see [`PemUse`]. For the health check, so that it needs no X.509 crate:
+/// see [`der_not_after`].
+pub fn not_after(pem_path: &Path, use_: PemUse) -> Result<DateTime<Utc>, CertError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let read = |message: String| CertError::Read {
@@ -271,15 +282,18 @@ pub fn not_after(pem_path: &Path) -> Result<DateTime<Utc>, CertError> {
     let ders = CertificateDer::pem_file_iter(pem_path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| read(e.to_string()))?;
-    let mut earliest: Option<DateTime<Utc>> = None;
+    let mut ends = Vec::with_capacity(ders.len());
     for der in &ders {
-        let t = der_not_after(der).map_err(|problem| CertError::Parse {
+        ends.push(der_not_after(der).map_err(|problem| CertError::Parse {
             path: pem_path.to_path_buf(),
             problem,
-        })?;
-        earliest = Some(earliest.map_or(t, |e| e.min(t)));
+        })?);
     }
-    earliest.ok_or_else(|| read("no `BEGIN CERTIFICATE` block in it".into()))
+    let end = match use_ {
+        PemUse::Chain => ends.into_iter().min(),
+        PemUse::Anchors => ends.into_iter().max(),
+    };
+    end.ok_or_else(|| read("no `BEGIN CERTIFICATE` block in it".into()))
 }
 
 /// The notAfter of one DER certificate, found by walking just far enough
@@ -567,7 +581,10 @@ mod tests {
         let path = tmp.path().join("until-2049.crt");
         fs::write(&path, pem_until(2049, 12, 31, 86_399)).unwrap();
         assert!(contains(&cert(&path), b"\x17\x0d491231235959Z"));
-        assert_eq!(not_after(&path).unwrap(), utc("2049-12-31T23:59:59Z"));
+        assert_eq!(
+            not_after(&path, PemUse::Chain).unwrap(),
+            utc("2049-12-31T23:59:59Z")
+        );
     }
 
     #[test]
@@ -576,7 +593,10 @@ mod tests {
         let path = tmp.path().join("until-2050.crt");
         fs::write(&path, pem_until(2050, 1, 1, 1)).unwrap();
         assert!(contains(&cert(&path), b"\x18\x0f20500101000001Z"));
-        assert_eq!(not_after(&path).unwrap(), utc("2050-01-01T00:00:01Z"));
+        assert_eq!(
+            not_after(&path, PemUse::Chain).unwrap(),
+            utc("2050-01-01T00:00:01Z")
+        );
     }
 
     #[test]
@@ -614,14 +634,22 @@ mod tests {
     }
 
     #[test]
-    fn not_after_of_a_chain_is_its_earliest() {
+    fn a_chain_ends_with_its_earliest_and_a_ca_bundle_with_its_latest() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("chain.crt");
         let chain = [(2040, 0), (2030, 7), (2060, 0)]
             .map(|(year, secs)| pem_until(year, 6, 1, secs))
             .concat();
         fs::write(&path, chain).unwrap();
-        assert_eq!(not_after(&path).unwrap(), utc("2030-06-01T00:00:07Z"));
+        assert_eq!(
+            not_after(&path, PemUse::Chain).unwrap(),
+            utc("2030-06-01T00:00:07Z")
+        );
+        // Review finding: a bundle mid-rollover works while any root does.
+        assert_eq!(
+            not_after(&path, PemUse::Anchors).unwrap(),
+            utc("2060-06-01T00:00:00Z")
+        );
     }
 
     #[test]
@@ -632,7 +660,11 @@ mod tests {
             .unwrap()
             .and_utc();
         for path in [&certs.ca_cert, &certs.gateway_cert, &certs.server_cert] {
-            assert_eq!(not_after(path).unwrap(), expected, "{path:?}");
+            assert_eq!(
+                not_after(path, PemUse::Chain).unwrap(),
+                expected,
+                "{path:?}"
+            );
         }
     }
 
@@ -676,7 +708,7 @@ mod tests {
                 "is not a valid X.509 certificate: it is not a SEQUENCE",
             ),
         ] {
-            let message = not_after(path).unwrap_err().to_string();
+            let message = not_after(path, PemUse::Chain).unwrap_err().to_string();
             assert!(message.contains(says), "{message}");
             assert!(message.contains(&path.display().to_string()), "{message}");
         }

@@ -21,6 +21,7 @@ use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::mqtt::publisher::Publisher;
 use crate::mqtt::tls;
+use crate::outbox::store::PRUNE_CHUNK;
 use crate::outbox::{StoreError, StoreHandle};
 use crate::serial::reader::SerialReader;
 use crate::watchdog::{self, Beats, Extending};
@@ -263,11 +264,30 @@ impl Pruner {
         let keep = chrono::Duration::days(self.config.store.retention_days.into());
         loop {
             let before = Utc::now() - keep;
-            match self.store.call(move |s| s.prune_delivered(before)).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(pruned = n, "Delivered readings past retention pruned."),
-                Err(StoreError::Closed) => return Err(StoreError::Closed),
-                Err(e) => tracing::warn!(error = %e, "Pruning failed."),
+            // Step by step: each store call is short, so readings from the
+            // device are committed between the steps.
+            let mut pruned = 0;
+            loop {
+                let step = self
+                    .store
+                    .call(move |s| s.prune_delivered_chunk(before, PRUNE_CHUNK))
+                    .await;
+                match step {
+                    Ok((n, more)) => {
+                        pruned += n;
+                        if !more || shutdown.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(StoreError::Closed) => return Err(StoreError::Closed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Pruning failed.");
+                        break;
+                    }
+                }
+            }
+            if pruned > 0 {
+                tracing::info!(pruned, "Delivered readings past retention pruned.");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

@@ -134,6 +134,14 @@ impl CertRole {
         }
     }
 
+    /// How the file's certificates are used (see [`crate::certs::PemUse`]).
+    pub fn pem_use(self) -> crate::certs::PemUse {
+        match self {
+            CertRole::Client => crate::certs::PemUse::Chain,
+            CertRole::Ca => crate::certs::PemUse::Anchors,
+        }
+    }
+
     /// The state key under which the gateway records the certificate it loaded.
     pub fn state_key(self) -> &'static str {
         match self {
@@ -208,7 +216,7 @@ impl Health {
         let mut loaded = Vec::new();
         for role in [CertRole::Client, CertRole::Ca] {
             let file = role.file(&self.config).to_path_buf();
-            match crate::certs::not_after(&file) {
+            match crate::certs::not_after(&file, role.pem_use()) {
                 Ok(t) => {
                     let record = CertificateRecord {
                         file,

@@ -165,8 +165,9 @@ pub async fn run(
     ));
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut status_tick = tokio::time::interval(STATUS_EVERY);
-    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // STATUS= runs a report query; it has a task of its own, so that a slow
+    // query on a large store never delays a ping.
+    let status = notify.then(|| tokio::spawn(report_status(store.clone(), shutdown.clone())));
     let mut reported: Option<&'static str> = None;
     loop {
         tokio::select! {
@@ -187,15 +188,28 @@ pub async fn run(
                     }
                 }
             }
-            _ = status_tick.tick(), if notify => {
-                if let Ok(line) = store.read(status_line).await {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
-                }
-            }
         }
     }
     probe.abort();
+    if let Some(status) = status {
+        status.abort();
+    }
     Ok(())
+}
+
+/// Refreshes `STATUS=` every [`STATUS_EVERY`] until `shutdown`.
+async fn report_status(store: StoreHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(line) = store.read(status_line).await {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+        }
+    }
 }
 
 /// `STATUS=`: the two links and the backlog, e.g. `broker connected,

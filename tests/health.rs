@@ -119,7 +119,7 @@ fn status_exits_0_while_the_gateway_delivers_and_shows_its_process() {
 #[test]
 fn a_stopped_broker_shows_in_status_but_needs_no_attention_at_once() {
     let mut rig = Rig::new("gw-blip");
-    let (config, _gateway) = delivering(&rig, "gw-blip", TWENTY);
+    let (config, gateway) = delivering(&rig, "gw-blip", TWENTY);
     rig.broker.stop();
     let view = wait_for(Duration::from_secs(20), "the link down in status", || {
         let (code, view, err) = status_json(&config);
@@ -135,6 +135,13 @@ fn a_stopped_broker_shows_in_status_but_needs_no_attention_at_once() {
         ["connecting", "disconnected"].contains(&view["broker"]["state"].as_str().unwrap()),
         "{view:#}"
     );
+    // The outage is timed from its start: reconnect attempts (every 2 s at
+    // most here) do not restart the clock the health check reads.
+    let since = view["broker"]["since"].clone();
+    let tries = gateway.log_text().matches("Reconnect failed").count();
+    gateway.wait_log_count("Reconnect failed", tries + 2, Duration::from_secs(30));
+    let (_, later, _) = status_json(&config);
+    assert_eq!(later["broker"]["since"], since, "{later:#}");
 }
 
 #[test]

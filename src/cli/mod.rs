@@ -107,10 +107,20 @@ pub enum DevicesCommand {
     Reset(devices::ResetArgs),
 }
 
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Accept a serial port that does not exist yet (the device is
+    /// unplugged): `hearth run` waits for it. The package's install uses it.
+    #[arg(long)]
+    pub allow_absent_port: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Load and validate the configuration, then say so.
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Print a commented default configuration.
     Default,
 }
@@ -231,10 +241,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             command: DevicesCommand::Reset(args),
         } => devices::reset(args),
         Command::Config {
-            command: ConfigCommand::Check(c),
+            command: ConfigCommand::Check(args),
         } => {
+            let c = &args.config;
             let config = Config::load(&c.config)?;
-            if !config.serial.port.exists() {
+            if !args.allow_absent_port && !config.serial.port.exists() {
                 anyhow::bail!(UsageError(format!(
                     "config `{}`: key `serial.port` names `{}`, which does not exist (is the device plugged in?)",
                     c.config.display(),

@@ -278,7 +278,7 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
             .and_then(|v| serde_json::from_value::<CertificateRecord>(v).ok())
             .filter(|record| running && record.file == file)
             .map(|record| record.not_after());
-        let on_disk = crate::certs::not_after(file);
+        let on_disk = crate::certs::not_after(file, role.pem_use());
         let not_after = on_disk.as_ref().ok().copied();
         certificates.push(CertificateView {
             role,

@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::watchdog::Beat;
+
 /// Largest packet we accept from the broker (we only get small acks).
 const MAX_INCOMING: usize = 64 * 1024;
 /// Largest packet we send: a batch of readings must fit.
@@ -66,6 +68,10 @@ pub struct Connection {
     read_buf: BytesMut,
     write_buf: BytesMut,
     io_timeout: Duration,
+    /// The watchdog's beat of the task that owns the connection: each write
+    /// call announces its bound, so a slow link that keeps taking bytes
+    /// keeps the promise, and one that stops does not for longer than that.
+    beat: Option<Arc<Beat>>,
 }
 
 impl Connection {
@@ -111,7 +117,13 @@ impl Connection {
             read_buf: BytesMut::with_capacity(4096),
             write_buf: BytesMut::with_capacity(4096),
             io_timeout,
+            beat: None,
         })
+    }
+
+    /// Lets writes keep `beat` (see [`crate::watchdog`]).
+    pub fn set_beat(&mut self, beat: Arc<Beat>) {
+        self.beat = Some(beat);
     }
 
     /// CONNECT, then waits for CONNACK.
@@ -157,6 +169,9 @@ impl Connection {
         }
         let mut written = 0;
         while written < self.write_buf.len() {
+            if let Some(beat) = &self.beat {
+                beat.waiting(self.io_timeout);
+            }
             let n = timeout(
                 self.io_timeout,
                 self.stream.write(&self.write_buf[written..]),

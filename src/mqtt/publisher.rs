@@ -294,6 +294,9 @@ pub struct Publisher {
     store_full: bool,
     /// The watchdog's beat (see [`crate::watchdog`]).
     beat: Arc<Beat>,
+    /// When the broker link went down (ms since the epoch); `None` while
+    /// connected.
+    down_since: Option<i64>,
 }
 
 impl Publisher {
@@ -321,6 +324,7 @@ impl Publisher {
             connected: false,
             store_full: false,
             beat: Beat::detached("publisher"),
+            down_since: None,
         }
     }
 
@@ -403,6 +407,7 @@ impl Publisher {
                 self.config.keep_alive(),
             ) => r?,
         };
+        conn.set_beat(self.beat.clone());
         let (session, unseen) = self.store.call(|s| s.begin_connect()).await?;
         let mut connect = self.connect_packet(session);
         connect.clean_session = !established;
@@ -508,10 +513,20 @@ impl Publisher {
         }
     }
 
-    async fn record_broker(&self, state: &'static str, detail: &str) {
+    /// Records the link's state for `hearth status`. `since` is when the
+    /// link went down for every state but `connected`: reconnect attempts
+    /// do not reset it, so the health check sees how long an outage lasts.
+    async fn record_broker(&mut self, state: &'static str, detail: &str) {
+        let now = Utc::now().timestamp_millis();
+        let since = if state == "connected" {
+            self.down_since = None;
+            now
+        } else {
+            *self.down_since.get_or_insert(now)
+        };
         let value = serde_json::json!({
             "state": state,
-            "since": Utc::now().timestamp_millis(),
+            "since": since,
             "detail": detail,
         });
         self.store.record("broker", value).await;
@@ -949,6 +964,8 @@ impl Publisher {
         reason: Reason,
         session: u64,
     ) -> Result<u16, PublishError> {
+        // The counts may take a while on a large store: a bounded wait.
+        self.beat.waiting(self.config.keep_alive());
         let (counts, seen) = self
             .store
             // On the report connection: however large the store, the

@@ -781,6 +781,34 @@ mod tests {
     }
 
     #[test]
+    fn pruning_goes_in_bounded_steps_and_keeps_every_tombstone() {
+        // Review finding: one unbounded prune held the store thread past
+        // the watchdog. Each step deletes at most `limit` readings.
+        let (_dir, mut store) = open();
+        put(
+            &mut store,
+            &[routine(1), routine(2), routine(3), routine(4), routine(5)],
+            t0(),
+        );
+        let q = store.next_queued(Priority::Routine, 10).unwrap();
+        let ids: Vec<i64> = q.iter().map(|r| r.id).collect();
+        store.begin_exchange(1, "t", &ids, t0()).unwrap();
+        store.exchange_released(1).unwrap();
+        store.complete_exchange(1, t0()).unwrap();
+        // Past the delivery, before the tombstones' own time: they stay.
+        let before = t0() + TimeDelta::seconds(1);
+        assert_eq!(store.prune_delivered_chunk(before, 2).unwrap(), (2, true));
+        assert_eq!(store.prune_delivered_chunk(before, 2).unwrap(), (2, true));
+        assert_eq!(store.prune_delivered_chunk(before, 2).unwrap(), (1, false));
+        assert_eq!(store.prune_delivered_chunk(before, 2).unwrap(), (0, false));
+        // Every pruned reading left its tombstone: resends are still known.
+        assert_eq!(
+            put(&mut store, &[routine(1), routine(5)], at(10)),
+            [Insert::Duplicate; 2]
+        );
+    }
+
+    #[test]
     fn a_v1_device_counting_again_after_its_records_were_pruned_is_a_restart() {
         // Review finding: with the readings and their tombstones gone, the
         // seqs up to the frontier were still used; their ids are taken.

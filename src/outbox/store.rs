@@ -39,6 +39,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "02-device-runs",
         include_str!("../../migrations/02-device-runs/up.sql"),
     ),
+    (
+        "03-prune-index",
+        include_str!("../../migrations/03-prune-index/up.sql"),
+    ),
 ];
 
 const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
@@ -229,6 +233,9 @@ pub struct Store {
     /// How long a device restart or seq conflict keeps its alarm.
     alarm_for: std::time::Duration,
 }
+
+/// Rows one prune step deletes at most (see [`Store::prune_delivered_chunk`]).
+pub const PRUNE_CHUNK: usize = 2000;
 
 /// How long a device restart or a seq conflict keeps its alarm by default.
 pub const DEVICE_ALARM: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -1128,20 +1135,45 @@ impl Store {
     /// what `pruned` holds of readings pruned before it; never touches a
     /// reading that is queued or in flight.
     pub fn prune_delivered(&mut self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        let run = |store: &mut Store| -> rusqlite::Result<usize> {
+        let mut total = 0;
+        loop {
+            let (n, more) = self.prune_delivered_chunk(before, PRUNE_CHUNK)?;
+            total += n;
+            if !more {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One bounded step of [`Store::prune_delivered`]: at most `limit` rows
+    /// of each table, in one short transaction, so that a prune of weeks of
+    /// readings never holds the store thread (and the watchdog) for long.
+    /// Returns the readings deleted and whether more may be left.
+    pub fn prune_delivered_chunk(
+        &mut self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<(usize, bool), StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let run = |store: &mut Store| -> rusqlite::Result<(usize, bool)> {
             let n = store.prune(
-                "(SELECT id FROM readings WHERE state = 'delivered' AND delivered_at < ?1)",
-                params![to_ms(before)],
+                "(SELECT id FROM readings WHERE state = 'delivered' AND delivered_at < ?1
+                  ORDER BY delivered_at LIMIT ?2)",
+                params![to_ms(before), limit],
             )?;
-            store.conn.execute(
-                "DELETE FROM rejected_frames WHERE received_at < ?1",
-                params![to_ms(before)],
+            let frames = store.conn.execute(
+                "DELETE FROM rejected_frames WHERE rowid IN
+                 (SELECT rowid FROM rejected_frames WHERE received_at < ?1 LIMIT ?2)",
+                params![to_ms(before), limit],
             )?;
-            store.conn.execute(
-                "DELETE FROM pruned WHERE pruned_at < ?1",
-                params![to_ms(before)],
+            let tombstones = store.conn.execute(
+                "DELETE FROM pruned WHERE (device, epoch, seq, run, variant) IN
+                 (SELECT device, epoch, seq, run, variant FROM pruned
+                  WHERE pruned_at < ?1 LIMIT ?2)",
+                params![to_ms(before), limit],
             )?;
-            Ok(n)
+            let full = |k: usize| i64::try_from(k).unwrap_or(i64::MAX) >= limit;
+            Ok((n, full(n) || full(frames) || full(tombstones)))
         };
         run(self).map_err(|e| self.err(e))
     }

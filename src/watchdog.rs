@@ -20,7 +20,9 @@
 //! [`run`] pings `WATCHDOG=1` while every promise holds and stops as soon as
 //! one is broken; systemd kills and restarts hearth `WatchdogSec` later. A
 //! promise broken for less than `WatchdogSec` (a store call slower than
-//! [`WINDOW`]) only skips pings and costs nothing.
+//! [`WINDOW`]) only skips pings and costs nothing. So no single store job or
+//! unannounced wait may take longer than [`WINDOW`] + `WatchdogSec` (35 s
+//! with the shipped unit): long work is done in bounded steps (the prune).
 //!
 //! The tests freeze one task on purpose (`HEARTH_TEST_FAILPOINT=NAME:N`, a
 //! fake hang named as such, see [`crate::failpoint`]): `reader-freezes`,

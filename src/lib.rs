@@ -6,6 +6,7 @@
 //! hospital's MQTT broker with QoS 2 over mutual TLS ([`mqtt`]).
 
 pub mod alarm;
+pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -98,6 +98,17 @@ impl StoreHandle {
         }
     }
 
+    /// Appends a security event to the audit trail as `hearth run`. A
+    /// failure is logged, not returned: it must not stop the caller.
+    pub async fn audit(&self, kind: &'static str, detail: serde_json::Value) {
+        if let Err(e) = self
+            .call(move |s| s.audit(kind, "hearth run", &detail))
+            .await
+        {
+            tracing::warn!(kind, error = %e, "Cannot record an audit event.");
+        }
+    }
+
     /// Wakes the publisher: new readings were queued.
     pub fn notify_queued(&self) {
         self.queued.notify_one();

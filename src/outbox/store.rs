@@ -43,6 +43,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "03-prune-index",
         include_str!("../../migrations/03-prune-index/up.sql"),
     ),
+    ("04-audit", include_str!("../../migrations/04-audit/up.sql")),
 ];
 
 const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
@@ -939,6 +940,37 @@ impl Store {
             )
             .map(drop)
             .map_err(|e| self.err(e))
+    }
+
+    /// Appends a security event to the audit trail ([`crate::audit`]).
+    pub fn audit(
+        &mut self,
+        kind: &str,
+        actor: &str,
+        detail: &serde_json::Value,
+    ) -> Result<i64, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<i64> {
+            // IMMEDIATE: a CLI appending beside the gateway takes the next
+            // id in turn, never the same one.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let id = crate::audit::append(&tx, Utc::now(), kind, actor, detail)?;
+            tx.commit()?;
+            Ok(id)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// The audit trail's entries at or after `since`, oldest first.
+    pub fn audit_entries(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<crate::audit::Entry>, StoreError> {
+        crate::audit::list(&self.conn, since).map_err(|e| self.err(e))
+    }
+
+    /// Checks the audit trail's hash chain.
+    pub fn audit_verify(&self) -> Result<crate::audit::Verdict, StoreError> {
+        crate::audit::verify(&self.conn).map_err(|e| self.err(e))
     }
 
     pub fn set_state(&mut self, key: &str, value: &str) -> Result<(), StoreError> {

@@ -80,6 +80,15 @@ pub struct StoreConfig {
     /// backlog drains; undelivered readings are never dropped.
     #[serde(default = "defaults::max_size_mb")]
     pub max_size_mb: f64,
+    /// Encrypt the store at rest (SQLCipher). Only an explicit `false`
+    /// gives a plaintext store, with a WARN at every start.
+    #[serde(default = "defaults::encrypt")]
+    pub encrypt: bool,
+    /// The store's key file; `None`: a systemd credential
+    /// `hearth-store-key` if present, else `{path}.key`, generated at first
+    /// start with mode 0600.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +105,10 @@ pub struct MqttConfig {
     pub cert_file: PathBuf,
     /// PEM file of this gateway's private key; must not be readable by others.
     pub key_file: PathBuf,
+    /// PEM file of certificate revocation lists (CRLs) for the broker's
+    /// chain; read at start and on SIGHUP. `None`: no revocation check.
+    #[serde(default)]
+    pub crl_file: Option<PathBuf>,
     /// First topic levels: `{topic_prefix}/{gateway_id}/readings` etc.
     #[serde(default = "defaults::topic_prefix")]
     pub topic_prefix: String,
@@ -133,6 +146,9 @@ pub(crate) mod defaults {
     }
     pub fn silence_alarm_secs() -> u64 {
         900
+    }
+    pub fn encrypt() -> bool {
+        true
     }
     pub fn retention_days() -> u32 {
         30

@@ -181,6 +181,8 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
             path: dir.join("hearth.db"),
             retention_days: 30,
             max_size_mb: 64.0,
+            encrypt: crate::config::defaults::encrypt(),
+            key_file: None,
         },
         mqtt: MqttConfig {
             host: "localhost".into(),
@@ -188,6 +190,7 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
             ca_file: certs.ca_cert.clone(),
             cert_file: certs.gateway_cert.clone(),
             key_file: certs.gateway_key.clone(),
+            crl_file: None,
             topic_prefix: "hearth/v1".into(),
             keep_alive_secs: 10,
             heartbeat_secs: 60,

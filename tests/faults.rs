@@ -9,22 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{GatewayOpts, Hearth, Rig, Sim, hearth, readings};
+use crate::harness::{GatewayOpts, Hearth, Rig, Sim, readings, status_view as status};
 use crate::support::{FaultProxy, Received, Receiver, wait_for};
-
-fn status(config: &std::path::Path) -> Value {
-    let (code, out, err) = hearth(&[
-        "status",
-        "--format",
-        "json",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    // Exit 1 is also "needs attention" (an alarm these tests raise on
-    // purpose); the view is printed either way.
-    assert!(code == 0 || code == 1, "hearth status failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("no status view ({e}): {err}"))
-}
 
 fn delivered_ids(all: &[Received]) -> Vec<String> {
     all.iter()

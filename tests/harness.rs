@@ -324,6 +324,29 @@ pub fn hearth(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `hearth status --format json` for `config`: exit code (0 healthy, 1
+/// needs attention: the view is printed either way), view, stderr.
+pub fn status_json(config: &Path) -> (i32, Value, String) {
+    let (code, out, err) = hearth(&[
+        "status",
+        "--format",
+        "json",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let view = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("no status view (exit {code}, {e}): {err}\n{out}"));
+    (code, view, err)
+}
+
+/// The status view whether or not something needs attention (an alarm a
+/// test raises on purpose); any other exit fails the test.
+pub fn status_view(config: &Path) -> Value {
+    let (code, view, err) = status_json(config);
+    assert!(code == 0 || code == 1, "hearth status failed: {err}");
+    view
+}
+
 /// `hearth readings list --format json` for `config`.
 pub fn readings(config: &Path, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["readings", "list", "--format", "json", "--config"];

@@ -14,22 +14,8 @@ use chrono::{Datelike, Timelike, Utc};
 use hearth::certs::DevCerts;
 use serde_json::Value;
 
-use crate::harness::{GatewayOpts, Hearth, Rig, Sim, hearth};
+use crate::harness::{GatewayOpts, Hearth, Rig, Sim, hearth, status_json};
 use crate::support::{Mosquitto, Subscriber, TestDir, wait_for};
-
-/// `hearth status --format json`: exit code, view, stderr.
-fn status_json(config: &Path) -> (i32, Value, String) {
-    let (code, out, err) = hearth(&[
-        "status",
-        "--format",
-        "json",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    let view = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("no status view (exit {code}, {e}): {err}\n{out}"));
-    (code, view, err)
-}
 
 /// `hearth status` as a table: exit code, stdout, stderr.
 fn status_table(config: &Path) -> (i32, String, String) {

@@ -2,8 +2,10 @@
 # Every check and test hearth has, from a clean checkout on Debian (as root, or
 # with sudo for the installs and the system test).
 # Installs what the tests need (mosquitto, its clients, socat, openssl; Debian's
-# systemd tools; cargo-deb) when missing, then: cargo fmt --check, cargo clippy
-# -D warnings (with and without the demo), the unit's hardening score and
+# systemd tools; cargo-deb and cargo-cyclonedx, and cargo-deny through
+# scripts/supply-chain/check.sh) when missing, then: cargo fmt --check, cargo
+# clippy -D warnings (with and without the demo), the supply-chain check
+# (advisories, licences, bans, sources), the unit's hardening score and
 # verify, cargo test, and hearth under a real systemd (tests/system/run.sh,
 # which also builds, installs, upgrades and purges the .deb).
 set -euo pipefail
@@ -25,6 +27,10 @@ command -v cargo-deb >/dev/null || {
     echo "test.sh: installing cargo-deb"
     cargo install cargo-deb --locked --version 3.8.0 --quiet
 }
+command -v cargo-cyclonedx >/dev/null || {
+    echo "test.sh: installing cargo-cyclonedx"
+    cargo install cargo-cyclonedx --locked --version 0.5.9 --quiet
+}
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" \
         || rustup component add "$component"
@@ -36,6 +42,8 @@ echo "test.sh: cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 # The production build leaves the demo and its embedded broker out.
 cargo clippy --all-targets --locked --no-default-features -- -D warnings
+echo "test.sh: the supply chain (scripts/supply-chain/check.sh)"
+scripts/supply-chain/check.sh
 echo "test.sh: the systemd unit (scripts/check-unit.sh)"
 scripts/check-unit.sh
 echo "test.sh: cargo test"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check and test hearth has, from a clean checkout on Debian (as root, or
 # with sudo for the installs and the system test).
-# Installs what the tests need (mosquitto, its clients, socat, openssl; Debian's
+# Installs what the tests need (mosquitto, its clients, socat, openssl,
+# libssl-dev and pkg-config for SQLCipher; Debian's
 # systemd tools; cargo-deb and cargo-cyclonedx, and cargo-deny through
 # scripts/supply-chain/check.sh) when missing, then: cargo fmt --check, cargo
 # clippy -D warnings (with and without the demo), the supply-chain check
@@ -16,6 +17,9 @@ command -v mosquitto >/dev/null || need+=(mosquitto)
 command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 command -v socat >/dev/null || need+=(socat)
 command -v openssl >/dev/null || need+=(openssl)
+# SQLCipher (rusqlite's bundled-sqlcipher) builds against the system's libcrypto.
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -10,14 +10,30 @@
 //! where the hospital keeps it.
 //!
 //! An entry's detail is a JSON object of facts about the event (a file, a
-//! reason, a command): never patient values, and never an implant serial
-//! (a device is named by its store-local run, as in `operator_actions`).
+//! reason, a command): never patient values, and never an implant serial.
+//! A device is named by its [`pseudonym::device_ref`], a keyed hash that
+//! only the store can tie back to a serial.
+//!
+//! The trail is never pruned: the prune of delivered readings
+//! ([`crate::outbox::Store::prune_delivered`]) and the deletions made for
+//! space touch `readings`, `rejected_frames` and `pruned` only.
+//!
+//! Who writes it: the running gateway ([`events`]: the config and key files
+//! at start, a store moved aside, certificates near their end, seq
+//! conflicts; the TLS and authentication failures of the broker link), and
+//! the CLI ([`operator`]: a device reset, every command that shows patient
+//! data, which refuses to show it when the read cannot be recorded).
+
+pub mod events;
+pub mod operator;
+pub mod pseudonym;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-/// The kinds of event; `hearth audit` shows them as they are.
+/// The kinds of event; `hearth audit` shows them as they are. A new kind
+/// goes into [`kind::ALL`] too, so that `hearth audit --kind` knows it.
 pub mod kind {
     /// A TLS handshake or authentication with the broker failed.
     pub const TLS_FAILURE: &str = "tls-failure";
@@ -25,8 +41,12 @@ pub mod kind {
     pub const AUTH_FAILURE: &str = "auth-failure";
     /// A certificate expires within 30 days, or has expired.
     pub const CERTIFICATE_EXPIRING: &str = "certificate-expiring";
-    /// The configuration file changed since the last start.
+    /// The configuration file, or a key or certificate file it names,
+    /// changed since the last start.
     pub const CONFIG_CHANGED: &str = "config-changed";
+    /// The first start with this store: the hashes of the configuration
+    /// and of the files it names, the baseline for `config-changed`.
+    pub const CONFIG_FIRST_SEEN: &str = "config-first-seen";
     /// A damaged store was moved aside and a new one started.
     pub const STORE_MOVED_ASIDE: &str = "store-moved-aside";
     /// An operator reset a device's count (`hearth devices reset`).
@@ -37,7 +57,24 @@ pub mod kind {
     pub const PATIENT_DATA_READ: &str = "patient-data-read";
     /// The store's encryption key was changed.
     pub const STORE_REKEYED: &str = "store-rekeyed";
+
+    /// Every kind, for `hearth audit --kind`.
+    pub const ALL: &[&str] = &[
+        TLS_FAILURE,
+        AUTH_FAILURE,
+        CERTIFICATE_EXPIRING,
+        CONFIG_CHANGED,
+        CONFIG_FIRST_SEEN,
+        STORE_MOVED_ASIDE,
+        DEVICE_RESET,
+        SEQ_CONFLICT,
+        PATIENT_DATA_READ,
+        STORE_REKEYED,
+    ];
 }
+
+/// The actor of the entries the running gateway appends.
+pub const GATEWAY_ACTOR: &str = "hearth run";
 
 /// The hash before the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -58,10 +95,11 @@ pub struct Entry {
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
-    /// Entries checked.
+    /// Entries in the trail.
     pub entries: u64,
     /// The last entry's id and hash, to compare with the copy the hospital
-    /// holds (the status payload's `audit_head`).
+    /// holds (the status payload's `audit_head`); the last one stored, also
+    /// when the chain is broken before it.
     pub head: Option<(i64, String)>,
     /// The first entry whose hash or link does not hold, with why.
     pub broken: Option<(i64, String)>,
@@ -156,7 +194,8 @@ pub fn head(conn: &Connection) -> rusqlite::Result<Option<(i64, String)>> {
 }
 
 /// Walks the whole chain: ids without holes from 1, each `prev` the hash
-/// before it, each hash recomputed.
+/// before it, each hash recomputed. It goes on past a break, so that the
+/// verdict names the first break and still the true head.
 pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
     let mut stmt =
         conn.prepare("SELECT id, at, kind, actor, detail, prev, hash FROM audit ORDER BY id")?;
@@ -165,35 +204,12 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
     let mut expected_prev = GENESIS.to_owned();
     let mut expected_id = 1;
     let mut head = None;
+    let mut broken = None;
     while let Some(r) = rows.next()? {
         let e = row(r)?;
         entries += 1;
-        let broken = if e.id != expected_id {
-            Some(format!(
-                "entry {expected_id} is missing (found {} next)",
-                e.id
-            ))
-        } else if e.prev != expected_prev {
-            Some("its link to the entry before does not match".to_owned())
-        } else if entry_hash(
-            &e.prev,
-            e.id,
-            e.at.timestamp_millis(),
-            &e.kind,
-            &e.actor,
-            &e.detail,
-        ) != e.hash
-        {
-            Some("its content does not match its hash (edited)".to_owned())
-        } else {
-            None
-        };
-        if let Some(why) = broken {
-            return Ok(Verdict {
-                entries,
-                head: Some((e.id, e.hash)),
-                broken: Some((e.id, why)),
-            });
+        if broken.is_none() {
+            broken = fault(&e, expected_id, &expected_prev).map(|why| (e.id, why));
         }
         expected_prev = e.hash.clone();
         expected_id = e.id + 1;
@@ -202,8 +218,50 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
     Ok(Verdict {
         entries,
         head,
-        broken: None,
+        broken,
     })
+}
+
+/// Why `e` does not follow an entry `expected_id - 1` with hash
+/// `expected_prev`, if it does not.
+fn fault(e: &Entry, expected_id: i64, expected_prev: &str) -> Option<String> {
+    if e.id != expected_id {
+        return Some(format!(
+            "entry {expected_id} is missing (found {} next)",
+            e.id
+        ));
+    }
+    if e.prev != expected_prev {
+        return Some("its link to the entry before does not match".to_owned());
+    }
+    let hash = entry_hash(
+        &e.prev,
+        e.id,
+        e.at.timestamp_millis(),
+        &e.kind,
+        &e.actor,
+        &e.detail,
+    );
+    (hash != e.hash).then(|| "its content does not match its hash (edited)".to_owned())
+}
+
+/// Checks the trail against a copy of its head kept elsewhere (the status
+/// payload's `audit_head`, as the hospital received it): the entry must
+/// still be there with that hash. This is what shows a trail cut short, or
+/// rewritten from some entry on with new hashes, which the chain alone
+/// cannot.
+pub fn check_head(entries: &[Entry], id: i64, hash: &str) -> Result<(), String> {
+    match entries.iter().find(|e| e.id == id) {
+        None => Err(format!(
+            "it is missing, but the copy of the head names it (the trail was cut short: {} entries left)",
+            entries.len()
+        )),
+        Some(e) if !e.hash.eq_ignore_ascii_case(hash) => Err(format!(
+            "its hash `{}` differs from the copy of the head `{hash}` (rewritten)",
+            e.hash
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -267,6 +325,9 @@ mod tests {
             .unwrap();
         let v = verify(&c).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.0), Some(2), "{v:?}");
+        // The walk goes on: the verdict still names the last entry.
+        assert_eq!(v.entries, 3);
+        assert_eq!(v.head, head(&c).unwrap());
 
         let c = three();
         c.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE id = 2;")
@@ -274,5 +335,32 @@ mod tests {
         let v = verify(&c).unwrap();
         assert_eq!(v.broken.as_ref().map(|b| b.0), Some(3), "{v:?}");
         assert!(v.broken.unwrap().1.contains("entry 2 is missing"));
+    }
+
+    #[test]
+    fn the_copy_of_the_head_catches_a_cut_and_a_rewrite() {
+        let c = three();
+        let (id, hash) = head(&c).unwrap().unwrap();
+        let all = list(&c, None).unwrap();
+        assert_eq!(check_head(&all, id, &hash), Ok(()));
+        assert!(check_head(&all, id, &hash.to_uppercase()).is_ok());
+
+        // The newest entry deleted: the chain that is left holds...
+        c.execute_batch("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE id = 3;")
+            .unwrap();
+        assert_eq!(verify(&c).unwrap().broken, None);
+        // ...but not against the head the hospital kept.
+        let why = check_head(&list(&c, None).unwrap(), id, &hash).unwrap_err();
+        assert!(why.contains("missing"), "{why}");
+        let why = check_head(&list(&c, None).unwrap(), 2, &hash).unwrap_err();
+        assert!(why.contains("differs"), "{why}");
+    }
+
+    #[test]
+    fn every_kind_is_listed_once() {
+        let mut all = kind::ALL.to_vec();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), kind::ALL.len());
     }
 }

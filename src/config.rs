@@ -210,7 +210,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: describe_toml_error(text, &e),
+            message: printable(describe_toml_error(text, &e)),
         })
     }
 
@@ -218,7 +218,7 @@ impl Config {
         ConfigError::Invalid {
             path: self.source.clone(),
             key,
-            problem: problem.into(),
+            problem: printable(problem.into()),
         }
     }
 
@@ -274,6 +274,19 @@ impl Config {
                 ),
             ));
         }
+        if let Some(file) = &self.store.key_file {
+            if !self.store.encrypt {
+                return Err(self.invalid(
+                    "store.key_file",
+                    "is set, but `store.encrypt = false` keeps the store in plaintext: remove one of the two",
+                ));
+            }
+            if let Err(e) = crate::outbox::key::Key::read_file(file) {
+                return Err(
+                    self.invalid("store.key_file", format!("is unusable: {}", one_line(&e)))
+                );
+            }
+        }
         if self.mqtt.host.is_empty() {
             return Err(self.invalid("mqtt.host", "is empty: name the hospital's broker"));
         }
@@ -312,25 +325,14 @@ impl Config {
         self.check_readable("mqtt.ca_file", &self.mqtt.ca_file)?;
         self.check_readable("mqtt.cert_file", &self.mqtt.cert_file)?;
         self.check_readable("mqtt.key_file", &self.mqtt.key_file)?;
-        if let Err(e) = crate::mqtt::tls::client_config(
-            &self.mqtt.ca_file,
-            &self.mqtt.cert_file,
-            &self.mqtt.key_file,
-        ) {
-            let key = match &e {
-                crate::mqtt::tls::TlsError::Pem { path, .. }
-                | crate::mqtt::tls::TlsError::NoCertificate(path)
-                | crate::mqtt::tls::TlsError::BadCa { path, .. }
-                    if *path == self.mqtt.ca_file =>
-                {
-                    "mqtt.ca_file"
-                }
-                crate::mqtt::tls::TlsError::Pem { path, .. } if *path == self.mqtt.key_file => {
-                    "mqtt.key_file"
-                }
-                _ => "mqtt.cert_file",
-            };
-            return Err(self.invalid(key, format!("is unusable: {}", one_line(&e))));
+        if let Some(crl) = &self.mqtt.crl_file {
+            self.check_readable("mqtt.crl_file", crl)?;
+        }
+        // Everything the handshake will use, as `hearth run` loads it: a
+        // client certificate rustls would refuse (an X.509 v1 one) or a CRL
+        // it cannot parse is found here, naming its key.
+        if let Err(e) = crate::mqtt::tls::TlsSource::load(&self.mqtt) {
+            return Err(self.invalid(e.key(), format!("is unusable: {}", one_line(&e))));
         }
         let mode = std::fs::metadata(&self.mqtt.key_file)
             .map(|m| m.permissions().mode())
@@ -404,6 +406,24 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// `s` with its control characters escaped (`\n`, `\u{1b}`): a value quoted
+/// in a message (a `gateway_id` of `"gw\n0001"`) keeps it on one line and
+/// cannot drive the terminal. Found by the fuzzer (`tests/fuzz`).
+fn printable(s: String) -> String {
+    if !s.contains(char::is_control) {
+        return s;
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// An error's message folded onto one line.
 pub fn one_line(e: &dyn std::fmt::Display) -> String {
     let s = e.to_string();
@@ -432,6 +452,19 @@ mod tests {
         let c = Config::parse(DEFAULT_TOML, Path::new("default.toml")).unwrap();
         assert_eq!(c.mqtt.topic_prefix, "hearth/v1");
         assert_eq!(c.store.retention_days, 30);
+    }
+
+    #[test]
+    fn a_quoted_value_with_a_newline_keeps_the_message_on_one_line() {
+        let text = DEFAULT_TOML.replace(r#""gw-0001""#, r#""gw\n0001\u001b[2J""#);
+        let config = Config::parse(&text, Path::new("x.toml")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                r"key `gateway_id` is `gw\n0001\u{1b}[2J`: use 1 to 64 of A-Z a-z 0-9 - _ ."
+            ),
+            "{err}"
+        );
     }
 
     #[test]

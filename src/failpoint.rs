@@ -28,6 +28,19 @@ pub const POINTS: &[&str] = &[
     "resume-partly-sent",
 ];
 
+/// The crash points of the store's encryption (`tests/encryption.rs`):
+/// a plain store's encrypted copy written and not yet renamed over it, and
+/// just renamed; a key change's new key written beside the old and the
+/// store not yet re-encrypted, and the store re-encrypted with the new key
+/// not yet in the old one's place. Kept apart from [`POINTS`], which
+/// `tests/crash.rs` walks as the windows of the delivery protocol.
+pub const STORE_POINTS: &[&str] = &[
+    "encrypt-copied",
+    "encrypt-renamed",
+    "rekey-pending-written",
+    "rekey-committed",
+];
+
 /// The panic points: the publisher task panics once connected; the store
 /// thread panics in a call the publisher makes once connected.
 pub const PANICS: &[&str] = &["publisher-panics", "store-thread-panics"];

@@ -73,20 +73,21 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         tls::install_crypto_provider();
         let config = self.config;
-        let tls = tls::client_config(
-            &config.mqtt.ca_file,
-            &config.mqtt.cert_file,
-            &config.mqtt.key_file,
-        )?;
+        let tls = tls::TlsSource::load(&config.mqtt)?;
+        // SIGHUP re-reads `mqtt.crl_file`. Taken over before READY: its
+        // default action would end the process.
+        let hangup =
+            tls::HangupReload::install(tls.clone()).context("cannot install the SIGHUP handler")?;
         let max_bytes = (config.store.max_size_mb * 1024.0 * 1024.0) as u64;
         // The integrity check of a large store on a slow SD card may outlast
         // systemd's start timeout: ask for more time while it runs.
         let extending = Extending::start("Checking the store's integrity");
-        let (store, moved_aside) = StoreHandle::open_gateway(&config.store.path, max_bytes)
-            .with_context(|| {
+        let (store, moved_aside) =
+            StoreHandle::open_gateway(&config, max_bytes).with_context(|| {
                 format!("cannot start with store `{}`", config.store.path.display())
             })?;
         drop(extending);
+        crate::audit::events::at_start(&store, &config, moved_aside.as_deref()).await;
         let alarms = Alarms::default();
         if let Some(aside) = moved_aside {
             alarms.raise("store-recovered");
@@ -114,6 +115,7 @@ impl Gateway {
         let publisher = Publisher::new(config.clone(), store.clone(), tls, alarms.clone())
             .with_beat(beats.publisher.clone());
         tasks.spawn("publisher", publisher.run(stop.clone()));
+        tasks.spawn("crl reload", hangup.run(stop.clone()));
         let pruner = Pruner::new(config.clone(), store.clone());
         tasks.spawn("pruner", pruner.run(stop.clone()));
         tasks.spawn(

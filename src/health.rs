@@ -269,6 +269,8 @@ impl Health {
         if changed {
             self.alarms.record(&self.store).await;
         }
+        // The audit trail: once per certificate state, across restarts too.
+        crate::audit::events::certificates(&self.store, loaded, now).await;
     }
 }
 
@@ -669,7 +671,7 @@ mod tests {
     #[tokio::test]
     async fn the_check_raises_the_alarm_within_30_days_and_clears_it_otherwise() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = crate::outbox::Store::open(&tmp.path().join("health.db")).unwrap();
+        let store = crate::outbox::store::tests::open_at(&tmp.path().join("health.db"));
         let store = StoreHandle::spawn(store);
         let health = Health::new(Arc::new(config(60)), store.clone(), Alarms::default());
         let loaded = [(

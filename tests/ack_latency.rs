@@ -103,8 +103,9 @@ fn measure(id: &str, rows: u32) -> Figures {
 /// Writes `rows` delivered readings of another device straight into the
 /// store, through the schema `hearth` itself created.
 fn fill(db: &std::path::Path, rows: u32) {
-    drop(hearth::outbox::Store::open(db).expect("create the store"));
-    let mut conn = rusqlite::Connection::open(db).unwrap();
+    let created = hearth::outbox::Store::open_checked(db, &hearth::outbox::Encryption::beside(db));
+    drop(created.expect("create the store, as `hearth run` would"));
+    let mut conn = crate::harness::open_db(db);
     let tx = conn.transaction().unwrap();
     {
         let mut insert = tx

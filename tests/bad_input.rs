@@ -93,9 +93,7 @@ pub(crate) fn answers(port: &mut std::fs::File, decoder: &mut Decoder, n: usize)
 }
 
 fn rejected_raw(db: &Path) -> Vec<Vec<u8>> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db");
+    let conn = crate::harness::open_db_with(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY);
     let mut stmt = conn
         .prepare("SELECT raw FROM rejected_frames ORDER BY id")
         .unwrap();
@@ -106,9 +104,7 @@ fn rejected_raw(db: &Path) -> Vec<Vec<u8>> {
 }
 
 fn rejected_reasons(db: &Path) -> Vec<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db");
+    let conn = crate::harness::open_db_with(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY);
     let mut stmt = conn
         .prepare("SELECT reason FROM rejected_frames ORDER BY id")
         .unwrap();
@@ -125,6 +121,7 @@ fn damaged_garbage_and_oversized_frames_are_naked_kept_and_the_run_goes_on() {
     let pair = SocatPair::start(rig.dir.path());
     let config = rig.config(&gw, &pair.b);
     let _hearth = Hearth::start(&config);
+    _hearth.wait_log_count("Serial port opened.", 1, Duration::from_secs(60));
     let mut device = open_device(&pair.a);
     let mut decoder = Decoder::new();
 
@@ -268,6 +265,7 @@ fn the_reader_waits_out_an_unplugged_port_and_carries_on() {
     let pair = SocatPair::start(rig.dir.path());
     let config = rig.config(&gw, &pair.b);
     let hearth = Hearth::start(&config);
+    hearth.wait_log_count("Serial port opened.", 1, Duration::from_secs(60));
     let mut device = open_device(&pair.a);
     let mut decoder = Decoder::new();
     device.write_all(&reading(1)).unwrap();

@@ -343,7 +343,7 @@ fn exactly_once_through_kills_broker_restarts_and_link_faults() {
     let duplicated: usize = copies.values().map(|n| n - 1).sum::<usize>()
         + ids_of.values().map(|ids| ids.len() - 1).sum::<usize>();
 
-    let conn = rusqlite::Connection::open(rig.db(&gw)).expect("open db");
+    let conn = crate::harness::open_db(&rig.db(&gw));
     let integrity: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check");

@@ -245,7 +245,13 @@ impl Drop for Hearth {
 /// A running `hearth simulate --pty`; killed on drop.
 pub struct Sim {
     child: Option<Child>,
+    /// A link to the simulator's `/dev/pts/N`, for the gateway's config. It
+    /// goes when the simulator ends: the kernel hands `N` to the next pty,
+    /// perhaps another test's, and a gateway still reopening this path must
+    /// not grab that one (it would take its frames and its exclusive lock).
     pub pty: PathBuf,
+    /// Holds the link.
+    link_dir: tempfile::TempDir,
     lines: mpsc::Receiver<String>,
 }
 
@@ -263,23 +269,31 @@ impl Sim {
             .expect("spawn hearth simulate");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
+        let link_dir = tempfile::Builder::new()
+            .prefix("hearth-sim-")
+            .tempdir()
+            .expect("a folder for the pty link");
+        let pty = link_dir.path().join("tty");
+        let link = pty.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
+            // The simulator has ended and its pty number is free again.
+            let _ = std::fs::remove_file(&link);
         });
         let first = lines
             .recv_timeout(Duration::from_secs(10))
             .expect("the simulator printed no pty path");
-        let pty = first
+        let target: PathBuf = first
             .strip_prefix("pty: ")
             .unwrap_or_else(|| panic!("unexpected first line from the simulator: {first}"))
             .into();
+        std::os::unix::fs::symlink(&target, &pty).expect("link to the pty");
         Sim {
             child: Some(child),
             pty,
+            link_dir,
             lines,
         }
     }
@@ -303,11 +317,34 @@ impl Sim {
 
 impl Drop for Sim {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pty);
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+}
+
+/// A connection to a gateway's store behind hearth's back, keyed with the
+/// key `hearth run` made beside it (`{db}.key`): the one way the tests read
+/// a store directly.
+pub fn open_db(db: &Path) -> rusqlite::Connection {
+    open_db_with(db, rusqlite::OpenFlags::default())
+}
+
+/// [`open_db`] with these open flags (e.g. read-only).
+pub fn open_db_with(db: &Path, flags: rusqlite::OpenFlags) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open_with_flags(db, flags).expect("open the store");
+    let key = hearth::outbox::key::Key::read_file(&key_of(db)).expect("read the store's key");
+    hearth::outbox::cipher::unlock(&conn, &key).expect("unlock the store with its key");
+    conn
+}
+
+/// Where `hearth run` keeps a store's key when none is configured.
+pub fn key_of(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(".key");
+    s.into()
 }
 
 /// Runs `hearth ARGS`; returns (exit code, stdout, stderr).

@@ -53,6 +53,9 @@ impl Bench {
         )
         .unwrap();
         let hearth = Hearth::start(&config);
+        // Frames go out once hearth has the port: a start slowed by a busy
+        // machine must not turn into a missing answer.
+        hearth.wait_log_count("Serial port opened.", 1, Duration::from_secs(60));
         let device = open_device(&pair.a);
         Bench {
             rig,
@@ -400,7 +403,7 @@ fn answer_frames_from_the_device_are_ignored_and_a_rejected_field_is_logged() {
         },
     );
     // The echoed answers were not kept as rejected frames: they are not faults.
-    let db = rusqlite::Connection::open(b.rig.db(&b.gw)).unwrap();
+    let db = crate::harness::open_db(&b.rig.db(&b.gw));
     let rejected: Vec<String> = db
         .prepare("SELECT reason FROM rejected_frames")
         .unwrap()

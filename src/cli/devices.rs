@@ -32,8 +32,10 @@ pub struct ResetArgs {
 }
 
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
-    let (_config, store) = super::readings::open(&args.config)?;
+    let (config, store) = super::readings::open(&args.config)?;
     let rows = store.devices()?;
+    // Device ids are patient data: shown only once the read is audited.
+    super::audit::record_read(&config, rows.len(), None)?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
@@ -128,7 +130,8 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    let mut store = Store::open(&config.store.path).with_context(|| {
+    let encryption = crate::outbox::Encryption::from_config(&config.store, &config.source);
+    let mut store = Store::open(&config.store.path, &encryption).with_context(|| {
         format!(
             "cannot open store `{}` to reset a device",
             config.store.path.display()
@@ -136,6 +139,14 @@ pub fn reset(args: ResetArgs) -> anyhow::Result<()> {
     })?;
     match store.reset_device(&args.device, &args.reason)? {
         Some(run) => {
+            // The trail names the device by its reference, never its id.
+            super::audit::record_reset(&mut store, &args.device, &args.reason, run)
+                .with_context(|| {
+                    format!(
+                        "device `{}` was reset, but the reset could not be recorded in the audit trail",
+                        args.device
+                    )
+                })?;
             // The device id is patient data: the log says what was done,
             // `operator_actions` says to which device.
             tracing::info!(

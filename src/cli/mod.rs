@@ -2,9 +2,11 @@
 //! returns `anyhow::Result`; `main` turns errors into a message and an exit
 //! code (2 for a bad config or bad arguments, 1 otherwise).
 
+mod audit;
 mod devices;
 mod docs;
 mod readings;
+mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,6 +69,14 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Show the audit trail of security events, oldest first, or `verify`
+    /// its hash chain (docs/audit.md).
+    Audit(audit::AuditArgs),
+    /// The store itself: `rekey` changes its encryption key.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Check or print the configuration.
     Config {
         #[command(subcommand)]
@@ -94,6 +104,14 @@ pub enum Command {
 pub enum ReadingsCommand {
     /// List readings, oldest first.
     List(readings::ListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Change the store's encryption key, where it is kept (the sealed
+    /// credential needs root). Stop the gateway first; the change is
+    /// recorded in the audit trail and the old key no longer opens the store.
+    Rekey(store::RekeyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,6 +252,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             command: ReadingsCommand::List(args),
         } => readings::list(args),
         Command::Status { config, format } => readings::status(&config, format),
+        Command::Audit(args) => audit::run(args),
+        Command::Store {
+            command: StoreCommand::Rekey(args),
+        } => store::rekey(args),
         Command::Devices {
             command: DevicesCommand::List(args),
         } => devices::list(args),

@@ -1,6 +1,8 @@
-//! `hearth readings list` and `hearth status`: read-only views of the store,
-//! safe while `hearth run` writes to it. `hearth status` is also the health
-//! check: it exits 1 when something needs attention ([`crate::health`]).
+//! `hearth readings list` and `hearth status`: views of the store, safe
+//! while `hearth run` writes to it. `readings list` shows patient data, so
+//! it first appends its entry to the audit trail ([`super::audit`]), its
+//! only write. `hearth status` is also the health check: it exits 1 when
+//! something needs attention ([`crate::health`]).
 
 use std::io::Write;
 
@@ -70,7 +72,8 @@ pub(super) fn open(config: &ConfigArg) -> anyhow::Result<(Config, Store)> {
     // access to the gateway's key, so the file checks are skipped here.
     let mut c = Config::parse(&text, &config.config)?;
     c.source = config.config.clone();
-    let store = Store::open_read_only(&c.store.path)?;
+    let encryption = crate::outbox::Encryption::from_config(&c.store, &c.source);
+    let store = Store::open_read_only(&c.store.path, &encryption)?;
     Ok((c, store))
 }
 
@@ -80,7 +83,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|s| parse_since(s, Utc::now()))
         .transpose()?;
-    let (_, store) = open(&args.config)?;
+    let (config, store) = open(&args.config)?;
     let filter = ListFilter {
         state: (args.state != "all").then(|| args.state.clone()),
         device: args.device.clone(),
@@ -88,6 +91,8 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         limit: args.limit,
     };
     let rows = store.list(&filter)?;
+    // Patient data: shown only once the read is in the audit trail.
+    super::audit::record_read(&config, rows.len(), args.device.as_deref())?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match args.format {
         Format::Json => {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -61,6 +61,21 @@ pub enum ConnectionError {
     Protocol(rumqttc::Error),
     #[error("no progress for {0:?}")]
     Timeout(Duration),
+}
+
+impl ConnectionError {
+    /// The I/O error inside, which may carry a rustls error: the handshake's
+    /// own, or (TLS 1.3) the broker's alert about our certificate, which
+    /// arrives on the first read after the client finished its handshake.
+    pub fn io(&self) -> Option<&std::io::Error> {
+        match self {
+            ConnectionError::Tcp { source, .. } | ConnectionError::Tls { source, .. } => {
+                Some(source)
+            }
+            ConnectionError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 pub struct Connection {
@@ -119,6 +134,16 @@ impl Connection {
             io_timeout,
             beat: None,
         })
+    }
+
+    /// The certificate chain the broker presented, leaf first.
+    pub fn peer_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default()
     }
 
     /// Lets writes keep `beat` (see [`crate::watchdog`]).

@@ -2,6 +2,7 @@
 //! publisher that drives QoS 2 from the outbox.
 
 pub mod connection;
+pub mod incoming;
 pub mod payload;
 pub mod publisher;
 pub mod tls;

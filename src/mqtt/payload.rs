@@ -188,6 +188,48 @@ impl Status {
     }
 }
 
+/// The head of the gateway's audit trail when a status was built: the copy
+/// the hospital keeps, against which `hearth audit verify --head ID:HASH`
+/// shows a trail cut short or rewritten (docs/mqtt-payloads.md, 4.9).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditHead {
+    /// The last entry's id.
+    pub id: i64,
+    /// Its SHA-256, hex.
+    pub hash: String,
+    /// False when the gateway found its own chain broken (`hearth audit
+    /// verify` says where).
+    pub intact: bool,
+}
+
+impl AuditHead {
+    /// The head a walk of the chain found; `None` for an empty trail.
+    pub fn from_verdict(v: &crate::audit::Verdict) -> Option<AuditHead> {
+        v.head.as_ref().map(|(id, hash)| AuditHead {
+            id: *id,
+            hash: hash.clone(),
+            intact: v.broken.is_none(),
+        })
+    }
+}
+
+/// A status as the connected gateway publishes it: the [`Status`] fields,
+/// then `audit_head`. The will is a bare [`Status`]: it is written into the
+/// CONNECT, and a head that old would only mislead.
+#[derive(Debug, Serialize)]
+pub struct StatusReport<'a> {
+    #[serde(flatten)]
+    pub status: &'a Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_head: Option<AuditHead>,
+}
+
+impl StatusReport<'_> {
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a status always serializes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +360,42 @@ mod tests {
         assert_eq!(json["reason"], "connection-lost");
         assert_eq!(json["state"], "offline");
         assert_eq!(json["session"], 3);
+    }
+
+    #[test]
+    fn a_status_report_ends_with_the_audit_head() {
+        let s = Status {
+            schema: SCHEMA,
+            gateway: "gw-1".into(),
+            state: "online".into(),
+            reason: Reason::Heartbeat,
+            session: 3,
+            at: DateTime::from_timestamp_millis(1_764_091_561_123).unwrap(),
+            backlog: None,
+            devices: vec![],
+            alarms: vec![],
+        };
+        let head = AuditHead {
+            id: 42,
+            hash: "9f86".into(),
+            intact: true,
+        };
+        let body = StatusReport {
+            status: &s,
+            audit_head: Some(head.clone()),
+        }
+        .to_vec();
+        assert_eq!(
+            String::from_utf8(body.clone()).unwrap(),
+            r#"{"schema":1,"gateway":"gw-1","state":"online","reason":"heartbeat","session":3,"at":"2025-11-25T17:26:01.123Z","alarms":[],"audit_head":{"id":42,"hash":"9f86","intact":true}}"#
+        );
+        // A receiver that reads it as a bare status loses nothing else.
+        let back: Status = serde_json::from_slice(&body).unwrap();
+        assert_eq!(back, s);
+        let none = StatusReport {
+            status: &s,
+            audit_head: None,
+        };
+        assert_eq!(none.to_vec(), s.to_vec());
     }
 }

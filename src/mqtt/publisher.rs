@@ -49,20 +49,32 @@
 //!
 //! Alerts go before routine readings, and two exchanges are kept free for
 //! them, so an alert never waits behind a routine backlog.
+//!
+//! A connection that fails in TLS (`tls.rs`, `tls/failure.rs`) or is refused
+//! at CONNECT is reported once per cause: one WARN naming the cause and the
+//! file to fix, one audit event, and the `tls` alarm (TLS only). A retry
+//! failing for the same cause logs at DEBUG only; a new cause, or the same
+//! one after a connection that worked, is news again. The alarm clears with
+//! the next CONNACK: under TLS 1.3 the broker judges our certificate only
+//! after our side of the handshake is done, so a handshake alone proves
+//! nothing. Nothing of MQTT is written before the handshake succeeds, and
+//! readings stay queued throughout.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rumqttc::{Connect, LastWill, Packet, PubRel, Publish, QoS};
-use rustls::ClientConfig;
+use rumqttc::{Connect, ConnectReturnCode, LastWill, Packet, PubRel, Publish, QoS};
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, ConnectionError};
 use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
+use super::tls::{self, TlsFailure, TlsSource};
 use crate::alarm::Alarms;
+use crate::audit;
 use crate::config::Config;
 use crate::failpoint;
 use crate::outbox::{Connack, Queued, StoreError, StoreHandle};
@@ -94,6 +106,8 @@ const PUBLISH_OVERHEAD: usize = 9;
 const MIN_READING_BYTES: usize = 64;
 /// Less room than this in the budget is not worth a store query.
 const MIN_ROOM: usize = 256;
+/// The alarm raised while the broker link fails in TLS.
+pub const TLS_ALARM: &str = "tls";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -112,6 +126,9 @@ pub enum PublishError {
         sent: &'static str,
         awaited: &'static str,
     },
+    /// Reloaded CRLs refuse the broker of the open connection.
+    #[error("the broker's certificate fails the reloaded CRLs: {}", .0.code())]
+    Untrusted(TlsFailure),
 }
 
 impl PublishError {
@@ -151,6 +168,13 @@ enum Slot {
 enum Flow {
     Stop,
     Again,
+}
+
+/// Why connecting fails, as far as it is reported once per cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Trouble {
+    Tls(TlsFailure),
+    Refused(ConnectReturnCode),
 }
 
 /// The most unacknowledged PUBLISH bytes (and the largest PUBLISH) allowed
@@ -269,7 +293,11 @@ enum Taken {
 pub struct Publisher {
     config: Arc<Config>,
     store: StoreHandle,
-    tls: Arc<ClientConfig>,
+    tls: TlsSource,
+    /// Changes when the CRLs were reloaded (SIGHUP).
+    tls_reloaded: watch::Receiver<u64>,
+    /// The cause last reported (WARN and audit); `None` after a CONNACK.
+    trouble: Option<Trouble>,
     alarms: Alarms,
     slots: BTreeMap<u16, Slot>,
     /// Resumed PUBLISHes (DUP=1) not yet written, oldest first.
@@ -300,17 +328,22 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// `tls` is a [`TlsSource`] (CRLs reloaded on SIGHUP) or a fixed
+    /// `Arc<ClientConfig>`.
     pub fn new(
         config: Arc<Config>,
         store: StoreHandle,
-        tls: Arc<ClientConfig>,
+        tls: impl Into<TlsSource>,
         alarms: Alarms,
     ) -> Publisher {
         let budget = Budget::new(config.keep_alive(), Instant::now());
+        let tls = tls.into();
         Publisher {
             config,
             store,
+            tls_reloaded: tls.reloaded(),
             tls,
+            trouble: None,
             alarms,
             slots: BTreeMap::new(),
             resend: VecDeque::new(),
@@ -355,16 +388,22 @@ impl Publisher {
             if error.is_fatal() {
                 return Err(error);
             }
-            if matches!(error, PublishError::Store(_)) {
+            let mut detail = error.to_string();
+            if let Some(failure) = self.tls_failure(&error) {
+                let dropped = matches!(error, PublishError::Untrusted(_));
+                detail = self.report_tls(failure, dropped).await;
+            } else if matches!(error, PublishError::Store(_)) {
                 tracing::error!(error = %error, "Store failed; dropping the broker link.");
             } else if self.connected {
                 tracing::warn!(%broker, error = %error, "Broker connection lost.");
+            } else if let PublishError::Link(ConnectionError::Refused(code)) = &error {
+                self.report_refused(*code, &broker).await;
             } else if attempt == 0 {
                 tracing::warn!(%broker, error = %error, "Cannot connect to broker; retrying with backoff.");
             } else {
                 tracing::debug!(%broker, error = %error, attempt, "Reconnect failed.");
             }
-            self.record_broker("disconnected", &error.to_string()).await;
+            self.record_broker("disconnected", &detail).await;
             // Only a link that held for a while resets the backoff, so a
             // broker that drops us at once is not hammered.
             if started.elapsed() >= STABLE_LINK {
@@ -383,6 +422,88 @@ impl Publisher {
         Ok(())
     }
 
+    /// The TLS failure behind `error`: one that ended a connection before
+    /// its CONNACK, or reloaded CRLs refusing the open one. A TLS error on a
+    /// working link (a damaged record) is a lost link, not a TLS setup
+    /// fault.
+    fn tls_failure(&self, error: &PublishError) -> Option<TlsFailure> {
+        match error {
+            PublishError::Untrusted(failure) => Some(failure.clone()),
+            PublishError::Link(e) if !self.connected => e.io().and_then(|io| self.tls.failure(io)),
+            _ => None,
+        }
+    }
+
+    /// Reports a TLS failure: WARN and audit once per cause, the `tls`
+    /// alarm. Returns the line, for `hearth status`.
+    async fn report_tls(&mut self, failure: TlsFailure, dropped: bool) -> String {
+        let cx = tls::Context {
+            mqtt: &self.config.mqtt,
+            config_file: &self.config.source,
+            now: Utc::now(),
+        };
+        let line = if dropped {
+            failure.describe_dropped(&cx)
+        } else {
+            failure.describe(&cx)
+        };
+        let file = failure.file(&cx).map(|p| p.display().to_string());
+        if matches!(&self.trouble, Some(Trouble::Tls(f)) if *f == failure) {
+            tracing::debug!(
+                cause = failure.code(),
+                "TLS handshake failed again, same cause."
+            );
+        } else {
+            tracing::warn!(cause = failure.code(), "{line}");
+            let detail = serde_json::json!({
+                "broker": format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port),
+                "cause": failure.code(),
+                "key": failure.key(),
+                "file": file,
+                "message": line,
+            });
+            self.store.audit(audit::kind::TLS_FAILURE, detail).await;
+            self.trouble = Some(Trouble::Tls(failure));
+        }
+        if self.alarms.raise(TLS_ALARM) {
+            self.alarms.record(&self.store).await;
+        }
+        line
+    }
+
+    /// Reports a refused CONNECT: WARN and audit once per return code.
+    async fn report_refused(&mut self, code: ConnectReturnCode, broker: &str) {
+        let trouble = Trouble::Refused(code);
+        if self.trouble.as_ref() == Some(&trouble) {
+            tracing::debug!(%broker, ?code, "Broker refused the CONNECT again.");
+            return;
+        }
+        tracing::warn!(
+            %broker,
+            ?code,
+            "Broker `{broker}` refused the CONNECT ({code:?}): ask its operator to admit client `{}` with the certificate in `mqtt.cert_file` ({}).",
+            self.config.gateway_id,
+            self.config.mqtt.cert_file.display()
+        );
+        let detail = serde_json::json!({
+            "broker": broker,
+            "cause": format!("{code:?}"),
+            "key": "mqtt.cert_file",
+            "file": self.config.mqtt.cert_file.display().to_string(),
+        });
+        self.store.audit(audit::kind::AUTH_FAILURE, detail).await;
+        self.trouble = Some(trouble);
+    }
+
+    /// A CONNACK arrived: TLS and authentication work.
+    async fn link_works(&mut self) {
+        self.trouble = None;
+        if self.alarms.clear(TLS_ALARM) {
+            tracing::info!("TLS with the broker works again; alarm `tls` cleared.");
+            self.alarms.record(&self.store).await;
+        }
+    }
+
     /// One connection: TLS, the durable pending-CONNECT record, CONNECT,
     /// settling the open exchanges with what CONNACK says, then serving.
     async fn connect_and_serve(
@@ -398,12 +519,14 @@ impl Publisher {
         let session_state = self.store.call(|s| s.state(SESSION_KEY)).await?;
         let established = session_state.is_some();
         self.record_broker("connecting", "").await;
+        // This handshake uses the CRLs as they are now: no recheck owed.
+        self.tls_reloaded.mark_unchanged();
         let mut conn = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Flow::Stop),
             r = Connection::handshake(
                 &self.config.mqtt.host,
                 self.config.mqtt.port,
-                self.tls.clone(),
+                self.tls.for_handshake(),
                 self.config.keep_alive(),
             ) => r?,
         };
@@ -426,6 +549,7 @@ impl Publisher {
                 Err(e) => return Err(e.into()),
             },
         };
+        self.link_works().await;
         if !established {
             // The clean session discarded whatever the broker held for us.
             let requeued = self
@@ -591,6 +715,14 @@ impl Publisher {
                 }
                 _ = self.alarms.changed() => {
                     self.publish_status(conn, Reason::Alarm, session).await?;
+                }
+                _ = reloaded(&mut self.tls_reloaded) => {
+                    // A revoked broker key may be an attacker's: stop
+                    // sending at once, not at the next reconnect.
+                    self.tls
+                        .recheck(&self.config.mqtt.host, &conn.peer_chain())
+                        .map_err(PublishError::Untrusted)?;
+                    tracing::info!("The broker's certificate passes the reloaded CRLs.");
                 }
                 _ = heartbeat.tick() => {
                     self.publish_status(conn, Reason::Heartbeat, session).await?;
@@ -966,11 +1098,19 @@ impl Publisher {
     ) -> Result<u16, PublishError> {
         // The counts may take a while on a large store: a bounded wait.
         self.beat.waiting(self.config.keep_alive());
-        let (counts, seen) = self
+        let (counts, seen, audit) = self
             .store
             // On the report connection: however large the store, the
             // heartbeat never delays a serial ACK.
-            .read(|s| Ok((s.counts()?, s.last_heard()?)))
+            .read(|s| {
+                // The audit head comes from a walk of the whole chain (a few
+                // entries a day), so the hospital also learns of a break.
+                // Without it the status still goes out.
+                let audit = s.audit_verify().inspect_err(|e| {
+                    tracing::warn!(error = %e, "Cannot read the audit trail's head for the status.")
+                });
+                Ok((s.counts()?, s.last_heard()?, audit.ok()))
+            })
             .await?;
         let backlog = Backlog {
             alert: counts.queued_alert,
@@ -982,9 +1122,11 @@ impl Publisher {
             .take(16)
             .map(|(device, last_heard)| DeviceSeen { device, last_heard })
             .collect();
-        let body = self
-            .status(reason, session, Some(backlog), devices)
-            .to_vec();
+        let body = payload::StatusReport {
+            status: &self.status(reason, session, Some(backlog), devices),
+            audit_head: audit.as_ref().and_then(payload::AuditHead::from_verdict),
+        }
+        .to_vec();
         let pkid = self.alloc_pkid();
         self.slots.insert(pkid, Slot::Status);
         let mut p = Publish::new(self.config.topic("status"), QoS::AtLeastOnce, body);
@@ -1024,6 +1166,13 @@ impl Publisher {
             }
         }
         tracing::info!("Offline status published.");
+    }
+}
+
+/// Resolves when the CRLs were reloaded; never, if they cannot be any more.
+async fn reloaded(rx: &mut watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -720,7 +720,7 @@ mod tests {
 
         // Full: new readings get BUSY, resends of stored ones an ACK.
         let path = dir.path().join("full.db");
-        let mut full = Store::open(&path).unwrap();
+        let mut full = crate::outbox::store::tests::open_at(&path);
         full.set_size_cap(256 * 1024).unwrap();
         let mut seq = 0;
         let busy = loop {

@@ -9,16 +9,20 @@
 //! store grows they never delay a serial ACK.
 //!
 //! [`ingest`] holds the rules by which a reading from the line is stored.
+//! The store is encrypted at rest ([`cipher`]) with a key from [`key`].
 
+pub mod cipher;
 pub mod ingest;
+pub mod key;
 pub mod store;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use ingest::{Flag, Insert};
+pub use key::Encryption;
 pub use store::{
     Connack, Counts, DeviceRow, Exchange, ListFilter, Queued, ReadingRow, RejectedFrame, Store,
     StoreError,
@@ -38,16 +42,29 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     /// Opens the gateway's store on the calling thread (so errors surface
-    /// at start), then moves it to a thread of its own: integrity check (a damaged database is
-    /// moved aside, see [`Store::open_checked`]) and size cap. Returns where
-    /// a damaged database was moved, if one was.
+    /// at start), then moves it to a thread of its own: its key found (or
+    /// made), a plain store encrypted, integrity check (a damaged database
+    /// is moved aside, see [`Store::open_checked`]) and size cap. Returns
+    /// where a damaged database was moved, if one was. A plaintext store
+    /// (`store.encrypt = false`) is announced with a WARN at every start.
     pub fn open_gateway(
-        path: &Path,
+        config: &crate::config::Config,
         max_bytes: u64,
-    ) -> Result<(StoreHandle, Option<std::path::PathBuf>), StoreError> {
-        let (mut store, moved) = Store::open_checked(path)?;
+    ) -> Result<(StoreHandle, Option<PathBuf>), StoreError> {
+        let path = &config.store.path;
+        let encryption = Encryption::from_config(&config.store, &config.source);
+        if let Encryption::Off = encryption {
+            tracing::warn!(
+                store = %path.display(),
+                "Store encryption is off (`store.encrypt = false`): readings and device serials are kept in plaintext on disk."
+            );
+        }
+        let (mut store, moved) = Store::open_checked(path, &encryption)?;
+        if let (Encryption::On(ring), true) = (&encryption, store.encrypted()) {
+            tracing::info!(key = %ring.source(), "Store encrypted at rest (SQLCipher).");
+        }
         store.set_size_cap(max_bytes)?;
-        let reader = Store::open_read_only(path)?;
+        let reader = store.open_reader(&encryption)?;
         let mut handle = Self::spawn(store);
         handle.reports = Some(job_thread("hearth-reports", reader));
         Ok((handle, moved))

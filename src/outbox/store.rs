@@ -4,6 +4,9 @@
 //! Guarantees, in the order the pipeline relies on them:
 //! - The database runs in WAL mode with `synchronous=FULL`: a transaction
 //!   that returned is on disk and survives a process crash or power loss.
+//! - It is encrypted at rest, WAL included, unless `store.encrypt = false`
+//!   ([`super::cipher`], key from [`super::key`]); a key that does not open
+//!   it is an error, never a reason to move it aside or start a new one.
 //! - A reading is committed before the device gets its ACK
 //!   ([`Store::commit_serial`] returns only after COMMIT). Where it goes,
 //!   and why no well-formed reading is refused, is [`super::ingest`]'s to
@@ -23,10 +26,12 @@
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::cipher::{self, Access, OnDisk};
 use super::ingest::{self, Insert};
+use super::key::{Encryption, Key, KeyError, Keyring, Source};
 use crate::reading::{Kind, Priority, Reading};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
@@ -97,6 +102,51 @@ pub enum StoreError {
     },
     #[error("the store thread has stopped")]
     Closed,
+    #[error(
+        "store `{path}` cannot be opened with the key from {key}: wrong key, or not a hearth store: {source}{hint}"
+    )]
+    WrongKey {
+        path: PathBuf,
+        /// The key's source, as [`crate::outbox::key::Source`] shows it.
+        key: String,
+        source: Box<rusqlite::Error>,
+        /// What to try, for the sources that have a way out.
+        hint: &'static str,
+    },
+    #[error(
+        "store `{path}` cannot be opened: its key `{key}` does not exist (restore it, or name the right one with `store.key_file`); hearth makes a key only for a new store, never for an existing one"
+    )]
+    KeyMissing { path: PathBuf, key: PathBuf },
+    #[error("store `{path}`: {source}")]
+    Key {
+        path: PathBuf,
+        source: crate::outbox::key::KeyError,
+    },
+    #[error(
+        "store `{0}` is not a plain SQLite database (it is encrypted, or damaged) and `store.encrypt = false`: hearth never decrypts a store silently; set `encrypt = true` with its key, or move the file away"
+    )]
+    NotPlain(PathBuf),
+    #[error("cannot encrypt the plain store `{path}` in place: cannot {step}: {source}")]
+    Encrypt {
+        path: PathBuf,
+        step: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("cannot encrypt the plain store `{path}` in place: {problem}")]
+    EncryptCheck { path: PathBuf, problem: String },
+    #[error(
+        "store `{0}` is open in another process: stop the gateway first (`systemctl stop hearth`), change the key, then start it again"
+    )]
+    InUse(PathBuf),
+    #[error(
+        "store `{0}` is not encrypted yet: `hearth run` encrypts it at its next start; change its key after that"
+    )]
+    NotEncrypted(PathBuf),
+    #[error("`{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A frame the serial decoder refused, as `rejected_frames` keeps it.
@@ -226,6 +276,9 @@ pub struct Counts {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// SQLCipher-encrypted (else plain: `store.encrypt = false`, or an
+    /// earlier hearth's store not yet encrypted).
+    encrypted: bool,
     /// Above this many used pages, new readings are refused (BUSY) so that
     /// the publisher keeps room to drain; `None` means no cap.
     intake_limit: Option<u64>,
@@ -300,13 +353,34 @@ fn queued_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
 
 fn is_corruption(e: &StoreError) -> bool {
     let source = match e {
-        StoreError::Open { source, .. } | StoreError::Sql { source, .. } => source,
+        StoreError::Open { source, .. }
+        | StoreError::Sql { source, .. }
+        | StoreError::Encrypt { source, .. } => source,
         _ => return false,
     };
     matches!(
         source.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
     )
+}
+
+/// What is damaged, when `e` (from opening the gateway's store) comes from
+/// damage; else `e` back. SQLCipher answers a damaged page (other than the
+/// first, which the key check reads) with a plain `SQLITE_ERROR`, so an
+/// encrypted store's page HMACs are checked then.
+fn damage(path: &Path, encryption: &Encryption, e: StoreError) -> Result<String, StoreError> {
+    if is_corruption(&e) {
+        return Ok(e.to_string());
+    }
+    if matches!(e, StoreError::Open { .. } | StoreError::Sql { .. })
+        && cipher::on_disk(path)? == OnDisk::Encrypted
+        // A writer: as it closes it removes the `-shm` a reader would leave.
+        && let Ok((conn, true)) = cipher::connect(path, encryption, Access::Write)
+        && let Ok(Some(pages)) = cipher::damaged_pages(&conn)
+    {
+        return Ok(format!("{e}: {pages}"));
+    }
+    Err(e)
 }
 
 /// Renames the database and its WAL/SHM files to `NAME.corrupt-TIME*`.
@@ -336,16 +410,21 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database for the gateway and applies
-    /// migrations.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let conn = Connection::open(path).map_err(|source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+    /// Opens (creating if needed) the database for writing and applies
+    /// migrations. With encryption on, its key must exist: only `hearth
+    /// run` makes one ([`Store::open_checked`]); a plain store opens as it
+    /// is until `hearth run` encrypts it.
+    pub fn open(path: &Path, encryption: &Encryption) -> Result<Store, StoreError> {
+        let (conn, encrypted) = cipher::connect(path, encryption, Access::Write)?;
+        Store::writer(conn, path, encrypted)
+    }
+
+    /// Configures a writable connection and migrates its schema.
+    fn writer(conn: Connection, path: &Path, encrypted: bool) -> Result<Store, StoreError> {
         let mut store = Store {
             conn,
             path: path.to_owned(),
+            encrypted,
             intake_limit: None,
             gap_wait: ingest::GAP_WAIT,
             alarm_for: DEVICE_ALARM,
@@ -363,19 +442,26 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the gateway's database after a `PRAGMA quick_check`. A damaged
-    /// database is moved aside (never deleted) and a fresh one is created;
-    /// the second value is then the path it was moved to.
-    pub fn open_checked(path: &Path) -> Result<(Store, Option<PathBuf>), StoreError> {
-        let problem = match Store::open(path) {
-            Ok(store) => match store.quick_check() {
-                Ok(None) => return Ok((store, None)),
-                Ok(Some(problem)) => problem,
-                Err(e) if is_corruption(&e) => e.to_string(),
-                Err(e) => return Err(e),
-            },
-            Err(e) if is_corruption(&e) => e.to_string(),
-            Err(e) => return Err(e),
+    /// Opens the gateway's database, as `hearth run` does at start. With
+    /// encryption on it first makes the key of a new store (or of a plain
+    /// one) beside it, if that is where the key belongs, and encrypts a
+    /// plain store in place ([`cipher::encrypt_in_place`]). Then a `PRAGMA
+    /// quick_check` (and, encrypted, the pages' HMACs): a damaged database
+    /// is moved aside (never deleted) and a fresh one is created, with the
+    /// same key; the second value is then the path it was moved to. A key
+    /// that does not open the store is an error, never damage.
+    pub fn open_checked(
+        path: &Path,
+        encryption: &Encryption,
+    ) -> Result<(Store, Option<PathBuf>), StoreError> {
+        let opened = Store::prepare(path, encryption).and_then(|()| {
+            let store = Store::open(path, encryption)?;
+            Ok(store.integrity()?.map_or(Ok(store), Err))
+        });
+        let problem = match opened {
+            Ok(Ok(store)) => return Ok((store, None)),
+            Ok(Err(problem)) => problem,
+            Err(e) => damage(path, encryption, e)?,
         };
         let aside = move_aside(path)?;
         tracing::error!(
@@ -384,7 +470,118 @@ impl Store {
             %problem,
             "Database is damaged: moved aside, starting a fresh one. Its readings need an operator."
         );
-        Ok((Store::open(path)?, Some(aside)))
+        // A fresh store: its key too, if the damage came before it was made.
+        Store::prepare(path, encryption)?;
+        Ok((Store::open(path, encryption)?, Some(aside)))
+    }
+
+    /// The gateway's steps before its open: the key of a new or plain
+    /// store (when hearth keeps it), and a plain store encrypted.
+    fn prepare(path: &Path, encryption: &Encryption) -> Result<(), StoreError> {
+        let Encryption::On(ring) = encryption else {
+            return Ok(());
+        };
+        let found = cipher::on_disk(path)?;
+        let key_err = |source| StoreError::Key {
+            path: path.to_owned(),
+            source,
+        };
+        if found != OnDisk::Encrypted
+            && ring.can_create()
+            && ring.load().map_err(key_err)?.is_none()
+        {
+            ring.create().map_err(key_err)?;
+            tracing::info!(
+                key = %ring.source(),
+                "Store key generated (mode 0600): keep it with the store; without it the store cannot be read."
+            );
+        }
+        if found == OnDisk::Plain {
+            let loaded = ring
+                .load()
+                .map_err(key_err)?
+                .ok_or_else(|| StoreError::KeyMissing {
+                    path: path.to_owned(),
+                    key: ring.source().path().to_owned(),
+                })?;
+            match cipher::encrypt_in_place(path, &loaded.key) {
+                Ok(()) => tracing::info!(
+                    store = %path.display(),
+                    key = %ring.source(),
+                    "Plain store encrypted in place: every reading kept."
+                ),
+                // No room for the encrypted copy: a gateway that stays down
+                // takes no readings and forwards no alert, so it runs on the
+                // plain store, as it was, and tries again at every start.
+                Err(e) if cipher::is_full(&e) => tracing::error!(
+                    store = %path.display(),
+                    error = %e,
+                    "Cannot encrypt the plain store in place: no room for its encrypted copy (about its size again). Running on it unencrypted; every start tries again. Free space beside it."
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `None` when the store checks out: `PRAGMA quick_check`, and for an
+    /// encrypted store, when that fails or complains, the pages' HMACs
+    /// (SQLCipher answers a damaged page with a plain `SQLITE_ERROR`).
+    fn integrity(&self) -> Result<Option<String>, StoreError> {
+        let checked = self.quick_check();
+        if !self.encrypted || matches!(checked, Ok(None)) {
+            return checked;
+        }
+        match cipher::damaged_pages(&self.conn).map_err(|e| self.err(e))? {
+            Some(pages) => Ok(Some(pages)),
+            None => checked,
+        }
+    }
+
+    /// Changes the key of the encrypted store at `path` to `new`, where
+    /// `ring` keeps it: `NAME.new` written durably first, then `PRAGMA
+    /// rekey` (one transaction), the change recorded in the audit trail,
+    /// the WAL checkpointed into the file (no page under the old key is
+    /// left), and last `NAME.new` renamed over `NAME`. A crash at any step
+    /// leaves a store that the old key or `NAME.new` opens, and the next
+    /// open settles which ([`cipher::connect`]). The store must not be open
+    /// elsewhere: a running gateway would be locked out, so that is refused
+    /// ([`StoreError::InUse`]).
+    pub fn rekey(
+        path: &Path,
+        ring: &Keyring,
+        new: &Key,
+        actor: &str,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        match cipher::on_disk(path)? {
+            OnDisk::Fresh => return Err(StoreError::Missing(path.to_owned())),
+            OnDisk::Plain => return Err(StoreError::NotEncrypted(path.to_owned())),
+            OnDisk::Encrypted => {}
+        }
+        let key_err = |source| StoreError::Key {
+            path: path.to_owned(),
+            source,
+        };
+        if matches!(ring.source(), Source::Credential(_)) {
+            return Err(key_err(KeyError::NotHere));
+        }
+        let conn = cipher::open_for_rekey(path, ring)?;
+        let mut store = Store::writer(conn, path, true)?;
+        ring.write_pending(new).map_err(key_err)?;
+        crate::failpoint::hit("rekey-pending-written");
+        if let Err(e) = new.execute(&store.conn, "PRAGMA rekey = \"{key}\";") {
+            let _ = ring.discard_pending();
+            return Err(store.err(e));
+        }
+        store.audit(crate::audit::kind::STORE_REKEYED, actor, detail)?;
+        let busy: i64 = store
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(|e| store.err(e))?;
+        debug_assert_eq!(busy, 0, "the store is held exclusively");
+        crate::failpoint::hit("rekey-committed");
+        ring.promote_pending().map_err(key_err)
     }
 
     /// `None` when `PRAGMA quick_check` finds nothing wrong.
@@ -400,9 +597,22 @@ impl Store {
     /// Caps the database file at `max_bytes` (`PRAGMA max_page_count`, so
     /// deletes still work at the cap) and keeps 10% of it for draining.
     pub fn set_size_cap(&mut self, max_bytes: u64) -> Result<(), StoreError> {
+        // SQLCipher answers for an encrypted store, as text.
         let page_size: u64 = self
             .conn
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .query_row("PRAGMA page_size", [], |r| {
+                let value = r.get_ref(0)?;
+                value
+                    .as_i64()
+                    .ok()
+                    .or_else(|| value.as_str().ok().and_then(|s| s.parse().ok()))
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or(rusqlite::Error::InvalidColumnType(
+                        0,
+                        "page_size".into(),
+                        value.data_type(),
+                    ))
+            })
             .map_err(|e| self.err(e))?;
         let pages = (max_bytes / page_size).max(16);
         let set: u64 = self
@@ -481,19 +691,27 @@ impl Store {
 
     /// Opens an existing database read-only, for the CLI; safe while
     /// `hearth run` writes to it (WAL readers never block the writer).
-    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let intake_limit = None;
+    /// Needs the key, as [`Store::open`].
+    pub fn open_read_only(path: &Path, encryption: &Encryption) -> Result<Store, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_owned()));
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        Store::reader(path, encryption, cipher::on_disk(path)?)
+    }
+
+    /// A read-only connection beside this one (the gateway's report
+    /// thread), to the store as this one found it.
+    pub fn open_reader(&self, encryption: &Encryption) -> Result<Store, StoreError> {
+        let found = if self.encrypted {
+            OnDisk::Encrypted
+        } else {
+            OnDisk::Plain
+        };
+        Store::reader(&self.path, encryption, found)
+    }
+
+    fn reader(path: &Path, encryption: &Encryption, found: OnDisk) -> Result<Store, StoreError> {
+        let (conn, encrypted) = cipher::connect_found(path, encryption, Access::Read, found)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|source| StoreError::Open {
                 path: path.to_owned(),
@@ -502,10 +720,16 @@ impl Store {
         Ok(Store {
             conn,
             path: path.to_owned(),
-            intake_limit,
+            encrypted,
+            intake_limit: None,
             gap_wait: ingest::GAP_WAIT,
             alarm_for: DEVICE_ALARM,
         })
+    }
+
+    /// Whether the store is encrypted (SQLCipher).
+    pub fn encrypted(&self) -> bool {
+        self.encrypted
     }
 
     /// Overrides [`ingest::GAP_WAIT`] (tests).
@@ -1269,8 +1493,16 @@ pub(crate) mod tests {
 
     pub(crate) fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        let store = open_at(&dir.path().join("t.db"));
         (dir, store)
+    }
+
+    /// The store at `path`, encrypted as `hearth run` makes it (its key
+    /// generated beside it on first use).
+    pub(crate) fn open_at(path: &Path) -> Store {
+        Store::open_checked(path, &Encryption::beside(path))
+            .unwrap()
+            .0
     }
 
     #[test]
@@ -1380,7 +1612,7 @@ pub(crate) mod tests {
             conn.execute("INSERT INTO devices VALUES ('PM-1', 10)", [])
                 .unwrap();
         }
-        let mut store = Store::open(&path).unwrap();
+        let mut store = Store::open(&path, &Encryption::Off).unwrap();
         let now = Utc::now();
         // A resend of a reading stored by hearth 0.1 is still a resend, and
         // the count goes on where it was.
@@ -1404,16 +1636,10 @@ pub(crate) mod tests {
     fn session_counter_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        assert_eq!(
-            Store::open(&path).unwrap().begin_connect().unwrap(),
-            (1, false)
-        );
+        assert_eq!(open_at(&path).begin_connect().unwrap(), (1, false));
         // The first CONNACK was never settled: the second attempt knows.
-        assert_eq!(
-            Store::open(&path).unwrap().begin_connect().unwrap(),
-            (2, true)
-        );
-        let mut store = Store::open(&path).unwrap();
+        assert_eq!(open_at(&path).begin_connect().unwrap(), (2, true));
+        let mut store = open_at(&path);
         store.settle_connack(Connack::Present, true).unwrap();
         assert_eq!(store.begin_connect().unwrap(), (3, false));
     }

@@ -43,7 +43,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 
 use crate::reading::{Kind, Priority, Reading, unknown};
 
@@ -249,6 +249,14 @@ impl Decoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes received and not yet consumed: fewer than `MAX_FRAME_LEN` once
+    /// [`next`](Self::next) has returned `None`. For the fuzzer's check of
+    /// the memory bound (`tests/fuzz`).
+    #[doc(hidden)]
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     /// The next frame or rejected run, or `None` when more bytes are needed.
     #[allow(
         clippy::should_implement_trait,
@@ -434,6 +442,15 @@ fn parse_reading(
     let device_time = DateTime::parse_from_rfc3339(device_time)
         .map_err(|e| invalid("device_time", format!("not an RFC 3339 timestamp ({e})")))?
         .with_timezone(&Utc);
+    // An offset can carry 0000-01-01 or 9999-12-31 out of RFC 3339's
+    // four-digit years, where neither this encoder nor the MQTT payload
+    // (`+10000-01-01T...`) could write it as RFC 3339 again.
+    if !(0..=9999).contains(&device_time.year()) {
+        return Err(invalid(
+            "device_time",
+            "is outside the years 0000 to 9999 once converted to UTC".into(),
+        ));
+    }
     let kind = Kind::from_str(kind).map_err(|e| invalid("kind", e))?;
     let value = match value.parse::<f64>() {
         Ok(v) if v.is_finite() => v,
@@ -988,6 +1005,24 @@ mod tests {
             decode_one(&framed(body)),
             Decoded::Frame(Frame::Reading(expected))
         );
+    }
+
+    /// Found by the fuzzer (`tests/fuzz/seeds/frame_decoder/regression-year-*`):
+    /// accepted, these re-encoded as `-0001-...` and `+10000-...`, which
+    /// neither this decoder nor an RFC 3339 parser at the hospital reads.
+    #[test]
+    fn device_time_outside_four_digit_years_in_utc_is_rejected() {
+        for time in ["0000-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"] {
+            let body = format!("R,ICD-0042,1,{time},heart_rate,72,bpm,routine");
+            assert_eq!(invalid_field(&framed(&body)), "device_time", "{time}");
+        }
+        for time in ["0000-01-01T00:30:00-01:00", "9999-12-31T23:30:00+01:00"] {
+            let body = format!("R,ICD-0042,1,{time},heart_rate,72,bpm,routine");
+            let Decoded::Frame(frame) = decode_one(&framed(&body)) else {
+                panic!("{time} rejected");
+            };
+            assert_eq!(decode_one(&frame.encode()), Decoded::Frame(frame));
+        }
     }
 
     /// The reader hands the decoder whatever `read` returned; where a chunk

@@ -315,6 +315,7 @@ impl SerialReader {
         let mut stored = 0;
         let mut busy = 0;
         let mut asked: Vec<(String, Option<u32>)> = Vec::new();
+        let mut conflicts: Vec<crate::audit::events::Conflict> = Vec::new();
         for ((device_id, epoch, seq), outcome) in keys.into_iter().zip(outcomes) {
             // Asks once per device and batch for the seq it has not got; a
             // device resends NAKed frames at once and in order.
@@ -338,6 +339,9 @@ impl SerialReader {
                     stored += 1;
                     if flag != Flag::None {
                         tracing::debug!(%device_id, seq, ?flag, "Reading stored out of the ordinary.");
+                    }
+                    if flag == Flag::Conflict {
+                        conflicts.push((device_id.clone(), epoch, seq));
                     }
                     Frame::Ack {
                         device_id,
@@ -394,6 +398,9 @@ impl SerialReader {
             self.alarms.record(&self.store).await;
         }
         self.sync_device_alarms(&device_alarms).await;
+        if !conflicts.is_empty() {
+            crate::audit::events::seq_conflicts(&self.store, conflicts, self.device_alarm).await;
+        }
         if stored > 0 {
             tracing::debug!(stored, "Readings stored.");
             self.store.notify_queued();

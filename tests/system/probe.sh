@@ -45,8 +45,9 @@ wait_until() {
 
 running() { [[ $(prop ActiveState) == active && $(prop SubState) == running ]]; }
 nrestarts_above() { (($(prop NRestarts) > $1)); }
-# Distinct reading ids the host's subscriber has received so far.
-readings() { grep -o '"id":"[^"]*"' "$BROKER_LOG" 2>/dev/null | sort -u | wc -l; }
+# Distinct reading ids the host's subscriber has received so far from this
+# container's device (not the earlier hearth's, delivered before the boot).
+readings() { grep -o '"id":"[^"]*"' "$BROKER_LOG" 2>/dev/null | grep -v "/$OLD_DEVICE_ID/" | sort -u | wc -l; }
 readings_at_least() { (($(readings) >= $1)); }
 journal_has() { journalctl -b -u hearth.service -o cat --no-pager | grep -q -- "$1"; }
 # hearth processes alive anywhere in the container.
@@ -81,6 +82,60 @@ step_traffic() {
     fact readings_arrived "$(yes_no wait_until 30 readings_at_least "$MIN_READINGS")"
     fact readings_wait_ms "$(((${EPOCHREALTIME/./} - t) / 1000))"
     fact readings_seen "$(readings)"
+}
+
+# Encryption at rest: the earlier hearth's plaintext store, encrypted in
+# place at the first start with the key the unit unsealed; the CLI as root
+# (which unseals /etc/hearth/store-key.cred itself) and as user hearth.
+step_store() {
+    say "step store: the store encrypted, the CLI as root and as hearth"
+    local db=/var/lib/hearth/hearth.db out rc
+    fact store_migrated_line "$(journalctl -b -u hearth.service -o cat --no-pager | grep -m1 'Plain store encrypted in place' | cut -c1-120)"
+    if [[ $(head -c 15 "$db") == "SQLite format 3" ]]; then fact store_plain_header yes; else fact store_plain_header no; fi
+    fact store_key_beside "$(yes_no test -e "$db.key")"
+    fact store_cred_mode "$(stat -c '%U:%G %a' /etc/hearth/store-key.cred 2>&1)"
+    # hearth says where its key came from (a field of its "Store encrypted
+    # at rest" entry); the backticks are hearth's, not a substitution.
+    # shellcheck disable=SC2016
+    fact store_cred_loaded "$(yes_no grep -q 'systemd credential `hearth-store-key`' <<<"$(journalctl -b -u hearth.service -o json --no-pager)")"
+    rc=0
+    out=$(/usr/bin/hearth readings list --device "$OLD_DEVICE_ID" --format csv 2>"$R/store-readings.err") || rc=$?
+    fact store_old_rc "$rc"
+    fact store_old_count "$(grep -c "^[0-9]*,$OLD_DEVICE_ID," <<<"$out" || true)"
+    fact store_old_delivered "$(grep "^[0-9]*,$OLD_DEVICE_ID," <<<"$out" | grep -c ',delivered,' || true)"
+    rc=0
+    out=$(/usr/bin/hearth status --format json 2>"$R/store-status.err") || rc=$?
+    fact store_status_rc "$rc"
+    fact store_status_gateway "$(yes_no grep -Eq '"gateway": ?"gw-systest"' <<<"$out")"
+    rc=0
+    out=$(setpriv --reuid=hearth --regid=hearth --init-groups /usr/bin/hearth status 2>&1) || rc=$?
+    fact store_user_rc "$rc"
+    fact store_user_lines "$(grep -c . <<<"$out")"
+    fact store_user_error "$(head -1 <<<"$out" | cut -c1-400)"
+}
+
+# `hearth store rekey` as root, the key sealed: refused while hearth runs;
+# with hearth stopped it seals a new key in place, and hearth starts with it.
+step_rekey() {
+    say "step rekey: hearth store rekey as root"
+    local out rc cred0 c0
+    cred0=$(sha256sum /etc/hearth/store-key.cred)
+    rc=0
+    out=$(/usr/bin/hearth store rekey 2>&1) || rc=$?
+    fact rekey_running_rc "$rc"
+    fact rekey_running_error "$(head -1 <<<"$out" | cut -c1-300)"
+    systemctl stop hearth.service
+    rc=0
+    out=$(/usr/bin/hearth store rekey 2>&1) || rc=$?
+    fact rekey_rc "$rc"
+    fact rekey_out "$(tail -1 <<<"$out" | cut -c1-300)"
+    fact rekey_cred_changed "$(yes_no test "$(sha256sum /etc/hearth/store-key.cred)" != "$cred0")"
+    fact rekey_cred_mode "$(stat -c '%U:%G %a' /etc/hearth/store-key.cred 2>&1)"
+    fact rekey_no_pending "$(yes_no test ! -e /etc/hearth/store-key.cred.new)"
+    c0=$(readings)
+    systemctl start hearth.service
+    fact rekey_running_after "$(yes_no wait_until 30 running)"
+    fact rekey_readings_flow "$(yes_no wait_until 20 readings_at_least $((c0 + 3)))"
 }
 
 # Is device access control enforced in this container at all? (It needs
@@ -154,8 +209,9 @@ step_upgrade() {
     say "step upgrade: dpkg -i a version-bumped package under running systemd"
     systemctl start hearth.service
     running || wait_until 30 running
-    local id0 c0
+    local id0 c0 cred0
     id0=$(prop InvocationID)
+    cred0=$(sha256sum /etc/hearth/store-key.cred)
     DEBIAN_FRONTEND=noninteractive dpkg -i --force-confold /stage/pkg/hearth-upgrade.deb \
         >"$R/dpkg-upgrade.log" 2>&1
     fact up_rc $?
@@ -165,6 +221,8 @@ step_upgrade() {
     fact up_config_kept "$(yes_no cmp -s /etc/hearth/hearth.toml /stage/hearth.toml)"
     fact up_key_kept "$(yes_no cmp -s /etc/hearth/certs/gateway.key /stage/certs/gateway.key)"
     fact up_key_mode "$(stat -c '%U:%G %a' /etc/hearth/certs/gateway.key)"
+    fact up_store_key_kept "$(yes_no test "$(sha256sum /etc/hearth/store-key.cred)" = "$cred0")"
+    fact up_store_opens "$(yes_no sh -c '/usr/bin/hearth readings list --limit 1 --format csv >/dev/null 2>&1')"
     fact up_state_dir "$(stat -c '%U:%G %a' /var/lib/hearth 2>&1)"
     systemctl show hearth.service >"$R/show-upgraded.txt"
     c0=$(readings)
@@ -223,6 +281,8 @@ say "start (STEP_WATCHDOG=$STEP_WATCHDOG STEP_PACKAGE=$STEP_PACKAGE)"
 step_ready
 step_config_check
 step_traffic
+step_store
+step_rekey
 step_device_policy
 step_security
 [[ $STEP_WATCHDOG == 1 ]] && step_watchdog

@@ -21,6 +21,18 @@
 #     WatchdogSec=3s (a test drop-in), systemd logs "Watchdog timeout", kills
 #     hearth with SIGABRT and restarts it; it is active again and readings
 #     flow; without the drop-in it runs normally again;
+#   - encryption at rest: an earlier hearth's plaintext store (made on the
+#     host by this hearth with `encrypt = false`: 20 readings of device
+#     ICD-OLD, delivered) is installed before the boot; the first start
+#     encrypts it in place with the key the unit unseals
+#     (LoadCredentialEncrypted=, sealed with systemd-creds by postinst, or
+#     by setup-root.sh without the package): afterwards the file has no
+#     plain SQLite header and no key lies beside it, root's `hearth
+#     readings list` shows the 20 readings and `hearth status` works, user
+#     hearth's gets one line saying root can unseal the key, and the broker
+#     got each old reading once (none sent again); root's `hearth store
+#     rekey` is refused while hearth runs, and with it stopped seals a new
+#     key with which hearth starts again and readings flow;
 #   - step PACKAGE: `dpkg -i` with no systemd running (enables, does not
 #     start; hearth starts at boot), `dpkg -i` of a version-bumped repack under
 #     the running systemd (restarts hearth, keeps the edited hearth.toml and
@@ -95,6 +107,9 @@ INSTALL=manual
 
 readonly GATEWAY_ID=gw-systest
 readonly DEVICE_ID=ICD-SYS1
+# The device of the earlier hearth's plaintext store.
+readonly OLD_DEVICE_ID=ICD-OLD
+readonly OLD_READINGS=20
 readonly MIN_READINGS=10
 readonly SUITE=bookworm
 readonly INCLUDE=systemd,systemd-sysv,dbus
@@ -369,6 +384,56 @@ start_simulator() {
     note "simulated device $DEVICE_ID on $pty (the container's /dev/ttyUSB0)"
 }
 
+# An earlier hearth's store: plaintext (`encrypt = false`), with
+# $OLD_READINGS readings of $OLD_DEVICE_ID delivered to the broker, made by
+# this hearth on the host (the schema is this version's). Staged as
+# stage/hearth.db for setup-root.sh.
+seed_plain_store() {
+    local dir=$run/seed i sim_pid hearth_pid pty_old="" delivered=0
+    mkdir -p "$dir"
+    "$bin" simulate --pty --json --device-id "$OLD_DEVICE_ID" --count "$OLD_READINGS" \
+        --interval-ms 0 --alert-rate 0 >"$dir/simulator.out" 2>"$dir/simulator.err" &
+    sim_pid=$!
+    pids+=("$sim_pid")
+    for ((i = 0; i < 100; i++)); do
+        pty_old=$(sed -n 's/^pty: //p' "$dir/simulator.out" 2>/dev/null || true)
+        [[ -n $pty_old ]] && break
+        sleep 0.1
+    done
+    [[ -n $pty_old ]] || die "the seeding simulator printed no pty: $(cat "$dir/simulator.err")"
+    cat >"$dir/hearth.toml" <<EOF
+gateway_id = "$GATEWAY_ID"
+[serial]
+port = "$pty_old"
+[store]
+path = "$dir/hearth.db"
+encrypt = false
+[mqtt]
+host = "127.0.0.1"
+port = $port
+ca_file = "$run/certs/ca.crt"
+cert_file = "$run/certs/gateway.crt"
+key_file = "$run/certs/gateway.key"
+EOF
+    "$bin" run --config "$dir/hearth.toml" >"$dir/hearth.log" 2>&1 &
+    hearth_pid=$!
+    pids+=("$hearth_pid")
+    for ((i = 0; i < 300; i++)); do
+        delivered=$("$bin" readings list --config "$dir/hearth.toml" --state delivered --format csv 2>/dev/null |
+            grep -c "^[0-9]*,$OLD_DEVICE_ID," || true)
+        ((delivered >= OLD_READINGS)) && break
+        sleep 0.1
+    done
+    stop_pid "$hearth_pid"
+    stop_pid "$sim_pid"
+    ((delivered >= OLD_READINGS)) ||
+        die "the plaintext store got $delivered of $OLD_READINGS readings delivered: $(tail -5 "$dir/hearth.log")"
+    [[ $(head -c 15 "$dir/hearth.db") == "SQLite format 3" ]] || die "the seeded store is not plaintext"
+    cp "$dir/hearth.db" "$run/stage/hearth.db"
+    [[ ! -s $dir/hearth.db-wal ]] || cp "$dir/hearth.db-wal" "$run/stage/hearth.db-wal"
+    note "an earlier hearth's plaintext store: $OLD_READINGS readings of $OLD_DEVICE_ID, delivered"
+}
+
 # --- Into the container ------------------------------------------------------------
 stage_files() {
     local s=$run/stage
@@ -401,6 +466,8 @@ EOF
 STEP_WATCHDOG=$STEP_WATCHDOG
 STEP_PACKAGE=$STEP_PACKAGE
 MIN_READINGS=$MIN_READINGS
+OLD_DEVICE_ID=$OLD_DEVICE_ID
+OLD_READINGS=$OLD_READINGS
 EOF
 }
 
@@ -471,8 +538,10 @@ check_identity() {
         grep -qw -- "$dialout" <<<"$groups"
 }
 
+# Not counting the earlier hearth's readings (check_store counts those).
 reading_ids() {
-    grep -o '"id":"[^"]*"' "$run/shared/broker-messages.txt" | sort -u | wc -l || true
+    grep -o '"id":"[^"]*"' "$run/shared/broker-messages.txt" | grep -v "/$OLD_DEVICE_ID/" |
+        sort -u | wc -l || true
 }
 
 check_traffic() {
@@ -554,6 +623,40 @@ check_watchdog() {
         test "$(fact wd_cleaned_up)" = yes -a "$(fact wd_clean_readings)" = yes
 }
 
+check_store() {
+    local old_ids old_copies
+    old_ids=$(grep -o "\"id\":\"$GATEWAY_ID/$OLD_DEVICE_ID/[^\"]*\"" "$run/shared/broker-messages.txt" | sort -u | wc -l)
+    old_copies=$(grep -o "\"id\":\"$GATEWAY_ID/$OLD_DEVICE_ID/[^\"]*\"" "$run/shared/broker-messages.txt" | wc -l)
+    check "store-migrated" "the plaintext store was encrypted in place at the first start: journal '$(fact store_migrated_line)'" \
+        test -n "$(fact store_migrated_line)"
+    check "store-encrypted" "/var/lib/hearth/hearth.db starts with the plain SQLite header: $(fact store_plain_header); key beside it: $(fact store_key_beside)" \
+        test "$(fact store_plain_header)" = no -a "$(fact store_key_beside)" = no
+    check "store-sealed-key" "/etc/hearth/store-key.cred $(fact store_cred_mode) (want root:root 600), hearth's key from the credential: $(fact store_cred_loaded)" \
+        test "$(fact store_cred_mode)" = "root:root 600" -a "$(fact store_cred_loaded)" = yes
+    check "store-old-readings" "root's \`hearth readings list --device $OLD_DEVICE_ID\`: rc $(fact store_old_rc), $(fact store_old_count) readings (want $OLD_READINGS, all delivered: $(fact store_old_delivered))" \
+        test "$(fact store_old_rc)" = 0 -a "$(fact store_old_count)" = "$OLD_READINGS" -a "$(fact store_old_delivered)" = "$OLD_READINGS"
+    check "store-old-once" "the broker got $old_ids of the $OLD_READINGS old readings, $old_copies copies (none sent again)" \
+        test "$old_ids" -eq "$OLD_READINGS" -a "$old_copies" -eq "$OLD_READINGS"
+    check "store-status-root" "root's \`hearth status\`: rc $(fact store_status_rc), names the gateway: $(fact store_status_gateway)" \
+        test "$(fact store_status_gateway)" = yes
+    check "store-status-hearth" "user hearth's \`hearth status\`: rc $(fact store_user_rc), $(fact store_user_lines) line: '$(fact store_user_error)'" \
+        bash -c "[[ '$(fact store_user_rc)' != 0 && '$(fact store_user_lines)' == 1 && '$(fact store_user_error)' == *'only root can unseal'* ]]"
+}
+
+# has TEXT PART: TEXT contains PART.
+has() { [[ $1 == *"$2"* ]]; }
+
+check_rekey() {
+    check "rekey-refused-running" "root's \`hearth store rekey\` under the running service: rc $(fact rekey_running_rc), '$(fact rekey_running_error)'" \
+        has "$(fact rekey_running_rc) $(fact rekey_running_error)" "1 hearth: store \`/var/lib/hearth/hearth.db\` is open in another process"
+    check "rekey" "root's \`hearth store rekey\` with the service stopped: rc $(fact rekey_rc), '$(fact rekey_out)'" \
+        test "$(fact rekey_rc)" = 0
+    check "rekey-sealed" "store-key.cred sealed anew: $(fact rekey_cred_changed), $(fact rekey_cred_mode), no .new left: $(fact rekey_no_pending)" \
+        test "$(fact rekey_cred_changed)" = yes -a "$(fact rekey_cred_mode)" = "root:root 600" -a "$(fact rekey_no_pending)" = yes
+    check "rekey-service" "hearth starts with the new key: $(fact rekey_running_after), readings flow: $(fact rekey_readings_flow)" \
+        test "$(fact rekey_running_after)" = yes -a "$(fact rekey_readings_flow)" = yes
+}
+
 check_stop() {
     # An idle gateway stops at once; hearth's own grace for its tasks is 10 s
     # (then it exits anyway), systemd's TimeoutStopSec 20 s.
@@ -589,6 +692,8 @@ check_package() {
     check "deb-upgrade-running" "active/running after the upgrade" is_fact up_running yes
     check "deb-upgrade-config" "hearth.toml and the key kept (key $(fact up_key_mode))" \
         test "$(fact up_config_kept)" = yes -a "$(fact up_key_kept)" = yes
+    check "deb-upgrade-store-key" "the sealed store key kept: $(fact up_store_key_kept); the store still opens: $(fact up_store_opens)" \
+        test "$(fact up_store_key_kept)" = yes -a "$(fact up_store_opens)" = yes
     check "deb-upgrade-readings" "readings reach the broker after the upgrade" is_fact up_readings_flow yes
     check "deb-remove" "dpkg -r: rc $(fact remove_rc), $(fact remove_active_state), $(fact remove_processes_left) processes, binary left: $(fact remove_binary)" \
         test "$(fact remove_rc)" = 0 -a "$(fact remove_processes_left)" = 0 -a "$(fact remove_binary)" = no
@@ -619,6 +724,7 @@ make_certs
 start_broker
 start_subscriber
 start_simulator
+seed_plain_store
 stage_files
 setup_root || die "installing into the root failed: $(tail -20 "$run/setup-root.log")"
 note "prepared in $(($(date +%s) - t_start)) s ($(($(date +%s) - t_prep)) s after the build); booting"
@@ -639,6 +745,8 @@ if [[ -s $run/shared/facts ]]; then
     check_traffic
     check_sandbox
     check_journal
+    check_store
+    check_rekey
     [[ $STEP_WATCHDOG == 1 ]] && check_watchdog
     check_stop
     [[ $STEP_PACKAGE == 1 ]] && check_package

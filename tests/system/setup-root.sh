@@ -22,7 +22,15 @@ install_manual() {
         useradd --system --gid hearth --no-create-home --home-dir /var/lib/hearth \
             --shell /usr/sbin/nologin hearth
     install -d -m 0750 -o root -g hearth /etc/hearth
-    # What the package's postinst does with no systemd running.
+    install -d -m 0700 -o hearth -g hearth /var/lib/hearth
+    # What the package's postinst does with no systemd running: the store's
+    # key sealed for the unit's LoadCredentialEncrypted= (host key), and the
+    # unit enabled.
+    (
+        umask 077
+        { od -An -tx1 -N32 /dev/urandom | tr -d ' \n'; echo; } |
+            systemd-creds encrypt --with-key=host --name=hearth-store-key - /etc/hearth/store-key.cred
+    )
     systemctl enable hearth.service
 }
 
@@ -60,6 +68,15 @@ say "hearth installed ($mode): $(/usr/bin/hearth --version)"
 # A real Debian install has these (debootstrap writes no /etc/hosts); hearth
 # resolves its broker's name, here `localhost`, through them.
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >/etc/hosts
+
+# --- An earlier hearth's store ------------------------------------------------
+# Plaintext, made on the host by run.sh (seed_plain_store); the first start
+# must encrypt it in place.
+install -m 0600 -o hearth -g hearth "$stage/hearth.db" /var/lib/hearth/hearth.db
+if [[ -f $stage/hearth.db-wal ]]; then
+    install -m 0600 -o hearth -g hearth "$stage/hearth.db-wal" /var/lib/hearth/hearth.db-wal
+fi
+say "an earlier hearth's plaintext store installed"
 
 # --- Configuration and certificates (what an operator does) ------------------
 install -d -m 0750 -o root -g hearth /etc/hearth/certs

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hearth::reading::{Kind, Priority, Reading};
 use hearth::serial::frame::{Decoded, Decoder, Frame};
 
-use crate::harness::{GatewayOpts, Hearth, Rig, Sim, readings};
+use crate::harness::{GatewayOpts, Hearth, Rig, Sim, hold_pty, readings};
 use crate::support::{Subscriber, wait_for};
 
 /// A linked pair of ptys made by socat, as a real null-modem pair.
@@ -17,6 +17,9 @@ pub(crate) struct SocatPair {
     child: Child,
     pub(crate) a: PathBuf,
     pub(crate) b: PathBuf,
+    /// Both slaves held open until the links are gone (see `Sim`): no
+    /// gateway reopening `b` may land on another test's pty.
+    _hold: Vec<std::fs::File>,
 }
 
 impl SocatPair {
@@ -34,14 +37,25 @@ impl SocatPair {
         wait_for(Duration::from_secs(10), "socat's pty links", || {
             (a.exists() && b.exists()).then_some(())
         });
-        SocatPair { child, a, b }
+        let hold = vec![hold_pty(&a), hold_pty(&b)];
+        SocatPair {
+            child,
+            a,
+            b,
+            _hold: hold,
+        }
     }
 }
 
 impl Drop for SocatPair {
     fn drop(&mut self) {
+        // SIGKILL leaves socat's links behind: remove them first, then let
+        // the pty numbers go.
+        let _ = std::fs::remove_file(&self.a);
+        let _ = std::fs::remove_file(&self.b);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self._hold.clear();
     }
 }
 

@@ -253,6 +253,23 @@ pub struct Sim {
     /// Holds the link.
     link_dir: tempfile::TempDir,
     lines: mpsc::Receiver<String>,
+    /// An open fd on the pty's slave, closed only after the link is gone:
+    /// while it is open the kernel cannot free `N`, so the link never
+    /// points to another test's pty. (Tests run as root, for whom the
+    /// gateway's TIOCEXCL is no bar: two gateways could share one pty.)
+    _hold: Option<std::fs::File>,
+}
+
+/// Opens a pty's slave without reading it and without making it a
+/// controlling terminal: held only so that its number stays taken.
+pub fn hold_pty(path: &Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        .unwrap_or_else(|e| panic!("hold the pty `{}`: {e}", path.display()))
 }
 
 impl Sim {
@@ -289,12 +306,14 @@ impl Sim {
             .strip_prefix("pty: ")
             .unwrap_or_else(|| panic!("unexpected first line from the simulator: {first}"))
             .into();
+        let hold = hold_pty(&target);
         std::os::unix::fs::symlink(&target, &pty).expect("link to the pty");
         Sim {
             child: Some(child),
             pty,
             link_dir,
             lines,
+            _hold: Some(hold),
         }
     }
 
@@ -311,6 +330,9 @@ impl Sim {
             .wait()
             .expect("wait simulator");
         assert!(status.success(), "simulator failed: {status}");
+        // The link goes before the pty's number is let go.
+        let _ = std::fs::remove_file(&self.pty);
+        self._hold = None;
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad summary `{line}`: {e}"))
     }
 }
@@ -322,6 +344,8 @@ impl Drop for Sim {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Only now may the pty's number be handed out again.
+        self._hold = None;
     }
 }
 

@@ -24,10 +24,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::mqtt::incoming::{kind, next_packet};
 use crate::watchdog::Beat;
 
-/// Largest packet we accept from the broker (we only get small acks).
-const MAX_INCOMING: usize = 64 * 1024;
 /// Largest packet we send: a batch of readings must fit.
 pub const MAX_OUTGOING: usize = 256 * 1024;
 /// Longest each closing step may take.
@@ -171,9 +170,10 @@ impl Connection {
     /// the buffer, so it may be dropped in a `select!`.
     pub async fn read(&mut self) -> Result<Packet, ConnectionError> {
         loop {
-            match Packet::read(&mut self.read_buf, MAX_INCOMING) {
-                Ok(packet) => return Ok(packet),
-                Err(rumqttc::Error::InsufficientBytes(n)) => self.read_buf.reserve(n),
+            // The fuzzed codec (`incoming.rs`): bounded, split-independent.
+            match next_packet(&mut self.read_buf) {
+                Ok(Some(packet)) => return Ok(packet),
+                Ok(None) => {}
                 Err(e) => return Err(ConnectionError::Protocol(e)),
             }
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
@@ -231,27 +231,6 @@ impl Connection {
         self.io_timeout = self.io_timeout.min(CLOSE_TIMEOUT);
         let _ = self.send(&[Packet::Disconnect]).await;
         let _ = timeout(self.io_timeout, self.stream.shutdown()).await;
-    }
-}
-
-/// A packet's type, for messages: never its content (a PUBLISH carries
-/// patient data).
-fn kind(packet: &Packet) -> &'static str {
-    match packet {
-        Packet::Connect(..) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
     }
 }
 

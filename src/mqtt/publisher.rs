@@ -71,6 +71,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, ConnectionError};
+use super::incoming::{self, IdUse, Reaction};
 use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
 use super::tls::{self, TlsFailure, TlsSource};
 use crate::alarm::Alarms;
@@ -1001,92 +1002,108 @@ impl Publisher {
         Ok(())
     }
 
+    /// What a packet id is used for, as `incoming::react` sees it.
+    fn id_use(&self, pkid: u16) -> IdUse {
+        match self.slots.get(&pkid) {
+            None => IdUse::Free,
+            Some(Slot::Readings(Open {
+                released: false, ..
+            })) => IdUse::Published,
+            Some(Slot::Readings(Open { released: true, .. })) => IdUse::Released,
+            Some(Slot::Status) => IdUse::Status,
+            Some(Slot::Blocked) => IdUse::Blocked,
+        }
+    }
+
+    /// Carries out the reaction `incoming::react` (pure, fuzzed) decides.
     async fn handle(&mut self, conn: &mut Connection, packet: Packet) -> Result<(), PublishError> {
-        match packet {
-            Packet::PubRec(rec) => {
-                let pkid = rec.pkid;
-                match self.slots.get(&pkid).copied() {
-                    Some(Slot::Readings(open)) if !open.released => {
-                        if let Some(sent) = open.written
-                            && let Some(budget) =
-                                self.budget.sample(sent, open.limited, Instant::now())
-                        {
-                            tracing::debug!(
-                                budget,
-                                latency_ms = sent.elapsed().as_millis() as u64,
-                                "Send budget adapted to the link."
-                            );
-                        }
-                        if !self.store.call(move |s| s.exchange_released(pkid)).await? {
-                            tracing::warn!(
-                                pkid,
-                                "PUBREC for an exchange the store no longer has; the id is left unused on this connection."
-                            );
-                            self.slots.insert(pkid, Slot::Blocked);
-                            return Ok(());
-                        }
-                        // A PUBREC before its resumed PUBLISH went out: the
-                        // broker holds it already, and after PUBREL it must
-                        // never be written again (invariant 2).
-                        self.resend.retain(|p| p.pkid != pkid);
-                        let open = Open {
-                            released: true,
-                            ..open
-                        };
-                        self.slots.insert(pkid, Slot::Readings(open));
-                    }
-                    Some(Slot::Readings(_)) => {}
-                    Some(Slot::Status | Slot::Blocked) => {
-                        tracing::warn!(
-                            pkid,
-                            "PUBREC for a packet id with no QoS 2 exchange; ignored."
-                        );
-                        return Ok(());
-                    }
-                    None => {
-                        // The broker holds a message we have no record of
-                        // (e.g. it restored an old state). Releasing it could
-                        // deliver it twice; keep the id out of use instead.
-                        tracing::warn!(
-                            pkid,
-                            "PUBREC for an unknown packet id; the id is left unused on this connection."
-                        );
-                        self.slots.insert(pkid, Slot::Blocked);
-                        return Ok(());
-                    }
+        match incoming::react(&packet, |pkid| self.id_use(pkid)) {
+            Reaction::Release(pkid) => {
+                let Some(Slot::Readings(open)) = self.slots.get(&pkid).copied() else {
+                    unreachable!("react said PUBREC for a published exchange");
+                };
+                if let Some(sent) = open.written
+                    && let Some(budget) = self.budget.sample(sent, open.limited, Instant::now())
+                {
+                    tracing::debug!(
+                        budget,
+                        latency_ms = sent.elapsed().as_millis() as u64,
+                        "Send budget adapted to the link."
+                    );
                 }
-                failpoint::hit("release-recorded");
-                conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
-                self.mark_written(pkid);
-                failpoint::hit("pubrel-sent");
-            }
-            Packet::PubComp(comp) => {
-                let pkid = comp.pkid;
-                if let Some(Slot::Readings(Open { released: true, .. })) = self.slots.get(&pkid) {
-                    failpoint::hit("pubcomp-received");
-                    let n = self
-                        .store
-                        .call(move |s| s.complete_exchange(pkid, Utc::now()))
-                        .await?;
-                    self.slots.remove(&pkid);
-                    self.backlog_hint = true;
-                    tracing::debug!(pkid, readings = n, "Delivered.");
-                } else {
-                    tracing::warn!(pkid, "PUBCOMP for a packet id not released; ignored.");
+                if !self.store.call(move |s| s.exchange_released(pkid)).await? {
+                    tracing::warn!(
+                        pkid,
+                        "PUBREC for an exchange the store no longer has; the id is left unused on this connection."
+                    );
+                    self.slots.insert(pkid, Slot::Blocked);
+                    return Ok(());
                 }
+                // A PUBREC before its resumed PUBLISH went out: the broker
+                // holds it already, and after PUBREL it must never be
+                // written again (invariant 2).
+                self.resend.retain(|p| p.pkid != pkid);
+                let open = Open {
+                    released: true,
+                    ..open
+                };
+                self.slots.insert(pkid, Slot::Readings(open));
+                self.write_pubrel(conn, pkid).await?;
             }
-            Packet::PubAck(ack) => {
-                if self.slots.get(&ack.pkid) == Some(&Slot::Status) {
-                    self.slots.remove(&ack.pkid);
-                }
+            Reaction::ReleaseAgain(pkid) => self.write_pubrel(conn, pkid).await?,
+            Reaction::IgnoreRec(pkid) => {
+                tracing::warn!(
+                    pkid,
+                    "PUBREC for a packet id with no QoS 2 exchange; ignored."
+                );
             }
-            Packet::PingResp => self.ping_answered = self.ping_sent.take().or(self.ping_answered),
-            Packet::PubRel(rel) => {
-                conn.send(&[Packet::PubComp(rumqttc::PubComp::new(rel.pkid))])
+            Reaction::Block(pkid) => {
+                // The broker holds a message we have no record of (e.g. it
+                // restored an old state). Releasing it could deliver it
+                // twice; keep the id out of use instead.
+                tracing::warn!(
+                    pkid,
+                    "PUBREC for an unknown packet id; the id is left unused on this connection."
+                );
+                self.slots.insert(pkid, Slot::Blocked);
+            }
+            Reaction::Complete(pkid) => {
+                failpoint::hit("pubcomp-received");
+                let n = self
+                    .store
+                    .call(move |s| s.complete_exchange(pkid, Utc::now()))
+                    .await?;
+                self.slots.remove(&pkid);
+                self.backlog_hint = true;
+                tracing::debug!(pkid, readings = n, "Delivered.");
+            }
+            Reaction::IgnoreComp(pkid) => {
+                tracing::warn!(pkid, "PUBCOMP for a packet id not released; ignored.");
+            }
+            Reaction::StatusAcked(pkid) => {
+                self.slots.remove(&pkid);
+            }
+            Reaction::IgnoreAck(_) => {}
+            Reaction::PingAnswered => {
+                self.ping_answered = self.ping_sent.take().or(self.ping_answered);
+            }
+            Reaction::AnswerPubRel(pkid) => {
+                conn.send(&[Packet::PubComp(rumqttc::PubComp::new(pkid))])
                     .await?;
             }
-            other => tracing::debug!(packet = ?other, "Unexpected packet from broker; ignored."),
+            Reaction::Unexpected(kind) => {
+                tracing::debug!(packet = kind, "Unexpected packet from broker; ignored.");
+            }
         }
+        Ok(())
+    }
+
+    /// Writes PUBREL for an exchange whose release the store has recorded.
+    async fn write_pubrel(&mut self, conn: &mut Connection, pkid: u16) -> Result<(), PublishError> {
+        failpoint::hit("release-recorded");
+        conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
+        self.mark_written(pkid);
+        failpoint::hit("pubrel-sent");
         Ok(())
     }
 

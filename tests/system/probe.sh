@@ -243,6 +243,13 @@ step_remove() {
 
 step_purge() {
     say "step purge: dpkg --purge hearth"
+    # TEST RIG: the drop-in postinst writes when systemd-creds cannot seal
+    # the key (not the case here), so that purge is seen to delete it too.
+    dropin=/etc/systemd/system/hearth.service.d/store-key-file.conf
+    if [ ! -e "$dropin" ]; then
+        mkdir -p "${dropin%/*}"
+        printf '[Service]\nLoadCredentialEncrypted=\n' >"$dropin"
+    fi
     DEBIAN_FRONTEND=noninteractive dpkg --purge hearth >"$R/dpkg-purge.log" 2>&1
     fact purge_rc $?
     systemctl daemon-reload
@@ -253,6 +260,7 @@ step_purge() {
     fact purge_unit_file "$(yes_no test -e /usr/lib/systemd/system/hearth.service -o -e /lib/systemd/system/hearth.service -o -e /etc/systemd/system/multi-user.target.wants/hearth.service)"
     fact purge_etc_hearth "$(leftover /etc/hearth)"
     fact purge_var_lib_hearth "$(leftover /var/lib/hearth)"
+    fact purge_key_dropin "$(yes_no test -e "$dropin")"
     fact purge_user "$(getent passwd hearth || echo none)"
 }
 

@@ -706,6 +706,8 @@ check_package() {
         test "$(fact purge_binary)" = no -a "$(fact purge_unit_file)" = no
     check "deb-purge-data" "/etc/hearth: $(fact purge_etc_hearth); /var/lib/hearth: $(fact purge_var_lib_hearth)" \
         test "$(fact purge_etc_hearth)" = absent -a "$(fact purge_var_lib_hearth)" = absent
+    check "deb-purge-key-dropin" "store-key drop-in left: $(fact purge_key_dropin)" \
+        test "$(fact purge_key_dropin)" = no
     info "purge-user" "kept, as Debian does: $(fact purge_user)"
 }
 

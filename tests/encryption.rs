@@ -248,7 +248,7 @@ fn encrypt_false_keeps_a_plain_store_with_a_warn_at_every_start() {
         !key_of(&db).exists(),
         "a key was made for a plaintext store"
     );
-    assert_eq!(readings(&config, &[]).len(), 10);
+    assert_eq!(readings(&config, &[]).len(), 10, "{}", hearth.log_text());
 }
 
 #[test]
@@ -451,7 +451,7 @@ fn a_plain_store_is_encrypted_at_the_next_start_and_the_log_says_so() {
     hearth.restart();
     hearth.wait_log_count("Gateway running.", 2, Duration::from_secs(20));
     assert!(hearth.stop().success());
-    assert_eq!(readings(&config, &[]).len(), 5);
+    assert_eq!(readings(&config, &[]).len(), 5, "{}", hearth.log_text());
     let log = hearth.log_text();
     assert_eq!(log.matches("Store key generated").count(), 1, "{log}");
     assert_eq!(

@@ -621,3 +621,29 @@ fn a_task_that_panics_or_loses_its_store_exits_the_process_non_zero() {
         );
     }
 }
+
+/// A technician's `hearth run` beside the service: the second gateway is
+/// refused at once, before it reads the store, and the first one goes on
+/// (two would race an encryption in place or the damage check, and move a
+/// healthy store aside).
+#[test]
+fn a_second_gateway_on_the_same_store_is_refused_and_the_first_goes_on() {
+    let rig = Rig::new("gw-lock");
+    let gw = GatewayOpts::new("gw-lock");
+    let sim = Sim::start(&["--count", "5", "--interval-ms", "200"]);
+    let config = rig.config(&gw, &sim.pty);
+    let first = Hearth::start(&config);
+    first.wait_log_count("Gateway running.", 1, Duration::from_secs(30));
+    let mut second = Hearth::start(&config);
+    let exit = second.wait_exit(Duration::from_secs(30));
+    assert!(!exit.success(), "the second gateway ran: {exit}");
+    let log = second.log_text();
+    assert!(
+        log.contains("is used by another `hearth run`"),
+        "no clear error: {log}"
+    );
+    // The rig's log is shared: one start only.
+    assert_eq!(log.matches("Gateway running.").count(), 1, "{log}");
+    sim.finish(Duration::from_secs(30));
+    assert_eq!(readings(&config, &[]).len(), 5, "{}", first.log_text());
+}

@@ -102,6 +102,27 @@ pub fn unlock(conn: &Connection, key: &Key) -> rusqlite::Result<()> {
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
 }
 
+/// Whether `key` reads every page of the store at `path` (`PRAGMA
+/// cipher_integrity_check`, which checks each page's HMAC): the proof a key
+/// change took. A read-only connection, so a wrong key changes nothing.
+pub fn check_key(path: &Path, key: &Key) -> Result<(), String> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| e.to_string())?;
+    unlock(&conn, key).map_err(|e| e.to_string())?;
+    let problems: Vec<String> = conn
+        .prepare("PRAGMA cipher_integrity_check")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| e.to_string())?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 /// True for the answer SQLCipher gives to a wrong key.
 pub fn is_wrong_key(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase)
@@ -371,15 +392,31 @@ pub fn connect_found(
     let (conn, used_pending) =
         open_keyed(path, flags, &loaded.key, loaded.pending.as_ref(), existing)
             .map_err(|source| wrong_key_or(path, ring, source))?;
+    // Settling an interrupted key change is tidying: the key that opens
+    // the store is in use either way, and the next open tries both again.
+    // A key kept where the gateway cannot write (say /etc/hearth, under
+    // ProtectSystem=strict) is settled by the root CLI instead.
     if access == Access::Write {
         if used_pending {
-            ring.promote_pending().map_err(key_err)?;
-            tracing::info!(
+            match ring.promote_pending() {
+                Ok(()) => tracing::info!(
+                    key = %ring.source(),
+                    "An interrupted key change had re-encrypted the store: its new key is now in place."
+                ),
+                Err(e) => tracing::warn!(
+                    key = %ring.source(),
+                    error = %e,
+                    "The store opened with the key of an interrupted key change, which cannot be put in place from here: `sudo hearth store rekey` settles it."
+                ),
+            }
+        } else if loaded.pending.is_some()
+            && let Err(e) = ring.discard_pending()
+        {
+            tracing::warn!(
                 key = %ring.source(),
-                "An interrupted key change had re-encrypted the store: its new key is now in place."
+                error = %e,
+                "An interrupted key change left an unused new key, which cannot be removed from here."
             );
-        } else if loaded.pending.is_some() {
-            ring.discard_pending().map_err(key_err)?;
         }
     }
     Ok((conn, true))

@@ -540,6 +540,8 @@ fn seal(path: &Path, text: &[u8]) -> Result<Vec<u8>, KeyError> {
         &[
             "encrypt".as_ref(),
             name.as_ref(),
+            // No PCR binding: a firmware update must not lock the store.
+            "--tpm2-pcrs=".as_ref(),
             "-".as_ref(),
             "-".as_ref(),
         ],

@@ -16,7 +16,7 @@ pub mod ingest;
 pub mod key;
 pub mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -38,6 +38,44 @@ pub struct StoreHandle {
     /// to open twice, where reports run on the store thread.
     reports: Option<mpsc::Sender<Job>>,
     queued: Arc<Notify>,
+    /// The gateway's hold on its store (`{db}.lock`), while any handle
+    /// lives.
+    _lock: Option<Arc<std::fs::File>>,
+}
+
+/// Takes the exclusive hold of `hearth run` on the store at `path`: an
+/// `flock` on `{db}.lock` (made 0644 and empty, so that root's CLI and the
+/// service user can both take it), held for as long as the file stays open.
+pub fn lock_store(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let io = |source| StoreError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .or_else(|_| std::fs::File::open(&lock_path))
+        .map_err(io)?;
+    // Whoever made it, both may open it again (the umask may say 0600).
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+    // SAFETY: a valid open fd for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+            StoreError::Locked(path.to_owned())
+        } else {
+            io(e)
+        });
+    }
+    Ok(file)
 }
 
 impl StoreHandle {
@@ -52,6 +90,9 @@ impl StoreHandle {
         max_bytes: u64,
     ) -> Result<(StoreHandle, Option<PathBuf>), StoreError> {
         let path = &config.store.path;
+        // Before anything reads or changes the files: a second gateway
+        // would race this one's encryption in place or damage check.
+        let lock = lock_store(path)?;
         let encryption = Encryption::from_config(&config.store, &config.source);
         if let Encryption::Off = encryption {
             tracing::warn!(
@@ -67,6 +108,7 @@ impl StoreHandle {
         let reader = store.open_reader(&encryption)?;
         let mut handle = Self::spawn(store);
         handle.reports = Some(job_thread("hearth-reports", reader));
+        handle._lock = Some(Arc::new(lock));
         Ok((handle, moved))
     }
 
@@ -75,6 +117,7 @@ impl StoreHandle {
             jobs: job_thread("hearth-store", store),
             reports: None,
             queued: Arc::new(Notify::new()),
+            _lock: None,
         }
     }
 

@@ -142,11 +142,38 @@ pub enum StoreError {
         "store `{0}` is not encrypted yet: `hearth run` encrypts it at its next start; change its key after that"
     )]
     NotEncrypted(PathBuf),
+    #[error(
+        "the key change of `{path}` did not take: {problem}; the store keeps its old key and nothing was lost (free some space and run `hearth store rekey` again)"
+    )]
+    RekeyFailed { path: PathBuf, problem: String },
+    #[error(
+        "store `{0}` is used by another `hearth run`: only one gateway may use a store (is the service running? `systemctl status hearth`)"
+    )]
+    Locked(PathBuf),
     #[error("`{path}`: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The WAL file of the database at `path`.
+fn wal_of(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Bytes free to an unprivileged writer on the file system of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a valid C string and a zeroed statvfs for the call to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// A frame the serial decoder refused, as `rejected_frames` keeps it.
@@ -566,22 +593,83 @@ impl Store {
         if matches!(ring.source(), Source::Credential(_)) {
             return Err(key_err(KeyError::NotHere));
         }
+        // A gateway holds the store's lock: the change would lock it out.
+        let _lock = super::lock_store(path).map_err(|e| match e {
+            StoreError::Locked(p) => StoreError::InUse(p),
+            other => other,
+        })?;
         let conn = cipher::open_for_rekey(path, ring)?;
-        let mut store = Store::writer(conn, path, true)?;
+        let store = Store::writer(conn, path, true)?;
+        // `PRAGMA rekey` rewrites every page into the WAL: it needs about
+        // the store's size free.
+        let need = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(wal_of(path))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        if let Some(free) = free_bytes(path)
+            && free < need + need / 10
+        {
+            return Err(StoreError::RekeyFailed {
+                path: path.to_owned(),
+                problem: format!(
+                    "{free} bytes free beside it, and a key change needs about {need}"
+                ),
+            });
+        }
         ring.write_pending(new).map_err(key_err)?;
         crate::failpoint::hit("rekey-pending-written");
         if let Err(e) = new.execute(&store.conn, "PRAGMA rekey = \"{key}\";") {
             let _ = ring.discard_pending();
             return Err(store.err(e));
         }
-        store.audit(crate::audit::kind::STORE_REKEYED, actor, detail)?;
+        // SQLCipher 4.6 answers OK even when rewriting the pages failed
+        // (say, the disk filled) and it rolled back, while the connection
+        // goes on with the new key. So nothing more is written on it: the
+        // WAL is checkpointed into the file, the connection closed, and
+        // the result judged on fresh connections.
         let busy: i64 = store
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
             .map_err(|e| store.err(e))?;
         debug_assert_eq!(busy, 0, "the store is held exclusively");
+        drop(store);
+        if let Err(problem) = cipher::check_key(path, new) {
+            let old = ring.load().map_err(key_err)?.map(|l| l.key);
+            if let Some(old) = old
+                && cipher::check_key(path, &old).is_ok()
+            {
+                let _ = ring.discard_pending();
+                return Err(StoreError::RekeyFailed {
+                    path: path.to_owned(),
+                    problem,
+                });
+            }
+            // Neither key reads every page: keep both files for an
+            // operator; the next open tries each.
+            return Err(StoreError::EncryptCheck {
+                path: path.to_owned(),
+                problem: format!(
+                    "after the key change neither the old key nor the new one (kept as `NAME.new`) reads the whole store: {problem}"
+                ),
+            });
+        }
+        // The change stands; its record goes on a fresh connection with
+        // the new key, before the key file changes (a crash from here on
+        // leaves the record and `NAME.new`, which the next open puts in
+        // place).
+        let recorded = cipher::open_keyed(path, rusqlite::OpenFlags::default(), new, None, true)
+            .map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                source: e,
+            })
+            .and_then(|(conn, _)| Store::writer(conn, path, true))
+            .and_then(|mut s| s.audit(crate::audit::kind::STORE_REKEYED, actor, detail));
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "The key was changed, but the audit trail could not record it.");
+        }
         crate::failpoint::hit("rekey-committed");
-        ring.promote_pending().map_err(key_err)
+        ring.promote_pending().map_err(key_err)?;
+        Ok(())
     }
 
     /// `None` when `PRAGMA quick_check` finds nothing wrong.

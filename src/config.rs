@@ -132,6 +132,23 @@ pub struct MqttConfig {
     /// Longest reconnect delay.
     #[serde(default = "defaults::reconnect_max_secs")]
     pub reconnect_max_secs: u64,
+    /// `"5"` (MQTT 5, the default: the broker can say no) or `"3.1.1"` for
+    /// brokers that refuse MQTT 5.
+    #[serde(default)]
+    pub protocol: crate::mqtt::wire::Protocol,
+    /// 2: exactly once (the default). 1: at least once, for brokers without
+    /// QoS 2 (AWS IoT Core, Azure IoT Hub, RabbitMQ); readings keep their
+    /// ids, so the receiver drops duplicates.
+    #[serde(default = "defaults::qos")]
+    pub qos: u8,
+    /// MQTT 5 Session Expiry Interval: how long the broker keeps this
+    /// gateway's session (and its QoS 2 state) after the link drops.
+    #[serde(default = "defaults::session_expiry_secs")]
+    pub session_expiry_secs: u32,
+    /// MQTT 5 Will Delay Interval: how long the broker waits before it
+    /// publishes the last will. 0: at once (within 1.5 keep-alives).
+    #[serde(default)]
+    pub will_delay_secs: u32,
 }
 
 pub(crate) mod defaults {
@@ -170,6 +187,13 @@ pub(crate) mod defaults {
     }
     pub fn max_inflight() -> u16 {
         10
+    }
+    pub fn qos() -> u8 {
+        2
+    }
+    /// 30 days: longer than any outage the store is sized for.
+    pub fn session_expiry_secs() -> u32 {
+        30 * 24 * 3600
     }
     pub fn batch_max_readings() -> usize {
         64
@@ -312,6 +336,18 @@ impl Config {
         }
         if !(2..=1024).contains(&self.mqtt.max_inflight) {
             return Err(self.invalid("mqtt.max_inflight", "must be between 2 and 1024"));
+        }
+        if !(1..=2).contains(&self.mqtt.qos) {
+            return Err(self.invalid(
+                "mqtt.qos",
+                "must be 2 (exactly once) or 1 (at least once, for brokers without QoS 2)",
+            ));
+        }
+        if self.mqtt.will_delay_secs > self.mqtt.session_expiry_secs {
+            return Err(self.invalid(
+                "mqtt.will_delay_secs",
+                "must not exceed `mqtt.session_expiry_secs` (the broker sends the will when the session ends)",
+            ));
         }
         if !(1..=1000).contains(&self.mqtt.batch_max_readings) {
             return Err(self.invalid("mqtt.batch_max_readings", "must be between 1 and 1000"));

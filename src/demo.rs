@@ -198,6 +198,11 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
             batch_max_readings: 16,
             reconnect_min_ms: 200,
             reconnect_max_secs: 5,
+            // The embedded broker (rumqttd's v4 listener) speaks 3.1.1.
+            protocol: crate::mqtt::wire::Protocol::V311,
+            qos: 2,
+            session_expiry_secs: crate::config::defaults::session_expiry_secs(),
+            will_delay_secs: 0,
         },
         source: dir.join("demo.toml"),
     };

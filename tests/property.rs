@@ -15,7 +15,7 @@ use std::path::Path;
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use hearth::config::DEFAULT_TOML;
-use hearth::mqtt::incoming::{MAX_INCOMING, MAX_PACKET, next_packet};
+use hearth::mqtt::incoming::{MAX_INCOMING, MAX_PACKET, Protocol, next_packet};
 use hearth::reading::{Kind, Priority, Reading};
 use hearth::serial::frame::{Decoded, Decoder, Frame, MAX_FRAME_LEN};
 use proptest::prelude::*;
@@ -350,12 +350,14 @@ proptest! {
     fn mqtt_reader_never_panics_and_reserves_at_most_max_incoming(
         stream in prop_oneof![mqtt_stream(), proptest::collection::vec(any::<u8>(), 0..600)],
         read in 1..512usize,
+        v5 in any::<bool>(),
     ) {
+        let protocol = if v5 { Protocol::V5 } else { Protocol::V311 };
         let mut buf = BytesMut::with_capacity(64);
         let mut rest = &stream[..];
         loop {
             let before = buf.clone();
-            match next_packet(&mut buf) {
+            match next_packet(protocol, &mut buf) {
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     prop_assert_eq!(&buf, &before);

@@ -1,4 +1,5 @@
-//! One MQTT 3.1.1 connection over TLS, framed with rumqttc's packet codec.
+//! One MQTT connection (5 or 3.1.1) over TLS, framed with rumqttc's packet
+//! codecs through [`crate::mqtt::wire`].
 //!
 //! hearth drives the QoS 2 exchange itself instead of using rumqttc's
 //! `EventLoop`: that event loop writes PUBREL the moment PUBREC arrives,
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::{ConnAck, Connect, ConnectReturnCode, Packet};
+use rumqttc::Packet;
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +25,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::mqtt::incoming::{kind, next_packet};
+use crate::mqtt::incoming::kind;
+use crate::mqtt::wire::{self, Aliases, ConnAck, Connect, In, Out, Protocol, WireError};
 use crate::watchdog::Beat;
 
 /// Largest packet we send: a batch of readings must fit.
@@ -48,16 +50,24 @@ pub enum ConnectionError {
     },
     #[error("`{0}` is not a valid TLS server name")]
     ServerName(String),
-    #[error("broker refused the connection: {0:?}")]
-    Refused(ConnectReturnCode),
+    #[error("broker refused the connection: {reason} (reason code 0x{code:02X})")]
+    Refused { code: u8, reason: &'static str },
     #[error("broker answered CONNECT with a {0} packet, not CONNACK")]
     NoConnAck(&'static str),
     #[error("connection lost: {0}")]
     Io(#[from] std::io::Error),
     #[error("broker closed the connection")]
     Closed,
-    #[error("malformed packet from broker: {0:?}")]
-    Protocol(rumqttc::Error),
+    #[error("malformed packet from broker: {0}")]
+    Protocol(WireError),
+    #[error("cannot encode a packet: {0}")]
+    Encode(WireError),
+    #[error(
+        "broker closed the connection with reason code 0x{code:02X} ({}){}",
+        wire::reason_name(*code),
+        reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+    )]
+    Disconnected { code: u8, reason: Option<String> },
     #[error("no progress for {0:?}")]
     Timeout(Duration),
 }
@@ -82,6 +92,9 @@ pub struct Connection {
     read_buf: BytesMut,
     write_buf: BytesMut,
     io_timeout: Duration,
+    protocol: Protocol,
+    /// MQTT 5 topic aliases on this connection (none until CONNACK allows).
+    aliases: Aliases,
     /// The watchdog's beat of the task that owns the connection: each write
     /// call announces its bound, so a slow link that keeps taking bytes
     /// keeps the promise, and one that stops does not for longer than that.
@@ -89,17 +102,29 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// TCP, TLS, CONNECT, CONNACK; each step bounded by `io_timeout`.
-    pub async fn open(
+    /// TCP, TLS, then an MQTT 3.1.1 CONNECT of the caller's making and its
+    /// CONNACK; each step bounded by `io_timeout`. For clients that speak
+    /// 3.1.1 packets themselves ([`Connection::send_v4`],
+    /// [`Connection::read_v4`]), such as the tests' receiver.
+    pub async fn open_v4(
         host: &str,
         port: u16,
         tls: Arc<ClientConfig>,
-        connect: Connect,
+        connect: rumqttc::Connect,
         io_timeout: Duration,
-    ) -> Result<(Connection, ConnAck), ConnectionError> {
-        let mut conn = Self::handshake(host, port, tls, io_timeout).await?;
-        let ack = conn.connect(connect).await?;
-        Ok((conn, ack))
+    ) -> Result<(Connection, rumqttc::ConnAck), ConnectionError> {
+        let mut conn = Self::handshake(host, port, tls, io_timeout, Protocol::V311).await?;
+        conn.send_v4(&[Packet::Connect(connect)]).await?;
+        match timeout(io_timeout, conn.read_v4()).await?? {
+            Packet::ConnAck(ack) if ack.code == rumqttc::ConnectReturnCode::Success => {
+                Ok((conn, ack))
+            }
+            Packet::ConnAck(ack) => Err(ConnectionError::Refused {
+                code: ack.code as u8,
+                reason: "refused",
+            }),
+            other => Err(ConnectionError::NoConnAck(kind(&other))),
+        }
     }
 
     /// TCP and TLS only: the caller records what it must before CONNECT.
@@ -108,6 +133,7 @@ impl Connection {
         port: u16,
         tls: Arc<ClientConfig>,
         io_timeout: Duration,
+        protocol: Protocol,
     ) -> Result<Connection, ConnectionError> {
         let addr = format!("{host}:{port}");
         let tcp = timeout(io_timeout, TcpStream::connect(&addr))
@@ -131,6 +157,8 @@ impl Connection {
             read_buf: BytesMut::with_capacity(4096),
             write_buf: BytesMut::with_capacity(4096),
             io_timeout,
+            protocol,
+            aliases: Aliases::default(),
             beat: None,
         })
     }
@@ -150,9 +178,20 @@ impl Connection {
         self.beat = Some(beat);
     }
 
+    /// The MQTT version spoken.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Lets PUBLISHes use up to `max` topic aliases (the broker's Topic
+    /// Alias Maximum from CONNACK).
+    pub fn allow_aliases(&mut self, max: u16) {
+        self.aliases = Aliases::new(max);
+    }
+
     /// CONNECT, then waits for CONNACK.
     pub async fn connect(&mut self, connect: Connect) -> Result<ConnAck, ConnectionError> {
-        self.send(&[Packet::Connect(connect)]).await?;
+        self.send(&[Out::Connect(Box::new(connect))]).await?;
         self.connack().await
     }
 
@@ -160,18 +199,21 @@ impl Connection {
     /// already written.
     pub async fn connack(&mut self) -> Result<ConnAck, ConnectionError> {
         match timeout(self.io_timeout, self.read()).await?? {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(ack),
-            Packet::ConnAck(ack) => Err(ConnectionError::Refused(ack.code)),
-            other => Err(ConnectionError::NoConnAck(kind(&other))),
+            In::ConnAck(ack) if ack.code == 0 => Ok(ack),
+            In::ConnAck(ack) => Err(ConnectionError::Refused {
+                code: ack.code,
+                reason: ack.reason,
+            }),
+            other => Err(ConnectionError::NoConnAck(other.kind())),
         }
     }
 
     /// Next packet from the broker. Cancel-safe: bytes read so far stay in
     /// the buffer, so it may be dropped in a `select!`.
-    pub async fn read(&mut self) -> Result<Packet, ConnectionError> {
+    pub async fn read(&mut self) -> Result<In, ConnectionError> {
         loop {
-            // The fuzzed codec (`incoming.rs`): bounded, split-independent.
-            match next_packet(&mut self.read_buf) {
+            // The fuzzed codec: bounded, split-independent.
+            match wire::next_packet(self.protocol, &mut self.read_buf) {
                 Ok(Some(packet)) => return Ok(packet),
                 Ok(None) => {}
                 Err(e) => return Err(ConnectionError::Protocol(e)),
@@ -182,16 +224,51 @@ impl Connection {
         }
     }
 
+    /// Next MQTT 3.1.1 packet, whole (see [`Connection::open_v4`]).
+    pub async fn read_v4(&mut self) -> Result<Packet, ConnectionError> {
+        loop {
+            match Packet::read(&mut self.read_buf, wire::MAX_INCOMING) {
+                Ok(packet) => return Ok(packet),
+                Err(rumqttc::Error::InsufficientBytes(n)) => self.read_buf.reserve(n),
+                Err(e) => return Err(ConnectionError::Protocol(WireError(format!("{e:?}")))),
+            }
+            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(ConnectionError::Closed);
+            }
+        }
+    }
+
+    /// Writes and flushes MQTT 3.1.1 packets (see [`Connection::open_v4`]).
+    pub async fn send_v4(&mut self, packets: &[Packet]) -> Result<usize, ConnectionError> {
+        self.write_buf.clear();
+        for p in packets {
+            p.write(&mut self.write_buf, MAX_OUTGOING)
+                .map_err(|e| ConnectionError::Encode(WireError(format!("{e:?}"))))?;
+        }
+        self.flush_buf().await
+    }
+
     /// Writes and flushes packets. Each write call is bounded by the I/O
     /// timeout, not the whole: a broker that stops reading stalls the
     /// gateway for at most that long, a slow link that keeps taking bytes
     /// never fails. Returns the bytes of MQTT written.
-    pub async fn send(&mut self, packets: &[Packet]) -> Result<usize, ConnectionError> {
+    pub async fn send(&mut self, packets: &[Out]) -> Result<usize, ConnectionError> {
         self.write_buf.clear();
         for p in packets {
-            p.write(&mut self.write_buf, MAX_OUTGOING)
-                .map_err(ConnectionError::Protocol)?;
+            wire::write(
+                self.protocol,
+                p,
+                &mut self.aliases,
+                &mut self.write_buf,
+                MAX_OUTGOING,
+            )
+            .map_err(ConnectionError::Encode)?;
         }
+        self.flush_buf().await
+    }
+
+    /// Writes out `write_buf`, each write call bounded by the I/O timeout.
+    async fn flush_buf(&mut self) -> Result<usize, ConnectionError> {
         let mut written = 0;
         while written < self.write_buf.len() {
             if let Some(beat) = &self.beat {
@@ -229,7 +306,7 @@ impl Connection {
     /// irrelevant by then.
     pub async fn close(mut self) {
         self.io_timeout = self.io_timeout.min(CLOSE_TIMEOUT);
-        let _ = self.send(&[Packet::Disconnect]).await;
+        let _ = self.send(&[Out::Disconnect]).await;
         let _ = timeout(self.io_timeout, self.stream.shutdown()).await;
     }
 }

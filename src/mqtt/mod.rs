@@ -6,3 +6,4 @@ pub mod incoming;
 pub mod payload;
 pub mod publisher;
 pub mod tls;
+pub mod wire;

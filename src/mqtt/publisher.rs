@@ -64,8 +64,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::Utc;
-use rumqttc::{Connect, ConnectReturnCode, LastWill, Packet, PubRel, Publish, QoS};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -74,6 +74,7 @@ use super::connection::{Connection, ConnectionError};
 use super::incoming::{self, IdUse, Reaction};
 use super::payload::{self, Backlog, DeviceSeen, Reason, Status};
 use super::tls::{self, TlsFailure, TlsSource};
+use super::wire::{self, ConnAck, In, Out, Protocol, Will};
 use crate::alarm::Alarms;
 use crate::audit;
 use crate::config::Config;
@@ -109,6 +110,20 @@ const MIN_READING_BYTES: usize = 64;
 const MIN_ROOM: usize = 256;
 /// The alarm raised while the broker link fails in TLS.
 pub const TLS_ALARM: &str = "tls";
+/// The alarm raised while the broker refuses readings (MQTT 5 reason code
+/// of 0x80 or more on PUBREC or PUBACK).
+pub const REFUSED_ALARM: &str = "broker-refused";
+/// The alarm raised while `mqtt.qos = 2` meets a broker without QoS 2.
+pub const QOS_ALARM: &str = "broker-qos";
+/// First wait before readings the broker refused are offered again; it
+/// doubles with each refusal, up to [`HOLD_MAX`].
+const HOLD_MIN: Duration = Duration::from_secs(2);
+const HOLD_MAX: Duration = Duration::from_secs(300);
+/// Bytes an MQTT 5 PUBLISH adds for its properties: content type, the
+/// `schema` user property, a topic alias and the property length.
+const V5_PROPERTIES: usize = 48;
+/// The content type of every message (MQTT 5).
+pub const CONTENT_TYPE: &str = "application/json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -175,7 +190,7 @@ enum Flow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Trouble {
     Tls(TlsFailure),
-    Refused(ConnectReturnCode),
+    Refused(u8),
 }
 
 /// The most unacknowledged PUBLISH bytes (and the largest PUBLISH) allowed
@@ -233,9 +248,10 @@ impl Budget {
     }
 }
 
-/// The bytes a PUBLISH of `payload` bytes to `topic` takes on the wire.
+/// The bytes a PUBLISH of `payload` bytes to `topic` takes on the wire, at
+/// most (MQTT 5 properties included, a topic alias not subtracted).
 fn publish_size(topic: &str, payload: usize) -> usize {
-    topic.len() + payload + PUBLISH_OVERHEAD
+    topic.len() + payload + PUBLISH_OVERHEAD + V5_PROPERTIES
 }
 
 /// The largest `n` in `0..=len` with `fits(n)`, for a `fits` that holds up
@@ -277,6 +293,43 @@ fn cut_to_fit(
     Some(payload::batch(gateway, batch))
 }
 
+/// What the broker's CONNACK allows on one connection (MQTT 5; 3.1.1
+/// says nothing, and the config's limits stand).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Receive Maximum: QoS 1 and 2 PUBLISHes unacknowledged at once.
+    receive_max: u16,
+    /// Maximum Packet Size.
+    max_packet: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            receive_max: u16::MAX,
+            max_packet: super::connection::MAX_OUTGOING,
+        }
+    }
+}
+
+/// Readings held back after a refusal, until `until`; `wait` doubles with
+/// each refusal in a row.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    wait: Duration,
+}
+
+impl Hold {
+    fn after(previous: Option<Hold>, now: Instant) -> Hold {
+        let wait = previous.map_or(HOLD_MIN, |h| (h.wait * 2).min(HOLD_MAX));
+        Hold {
+            until: now + wait,
+            wait,
+        }
+    }
+}
+
 /// What [`Publisher::fill`] took from the store for one new exchange.
 enum Taken {
     /// Nothing queued (that this exchange may carry).
@@ -302,7 +355,21 @@ pub struct Publisher {
     alarms: Alarms,
     slots: BTreeMap<u16, Slot>,
     /// Resumed PUBLISHes (DUP=1) not yet written, oldest first.
-    resend: VecDeque<Publish>,
+    resend: VecDeque<wire::Publish>,
+    /// What the broker's CONNACK allows on this connection.
+    limits: Limits,
+    /// Topics whose readings the broker refused, held until a time.
+    holds: BTreeMap<String, Hold>,
+    /// The broker was found without QoS 2 (`mqtt.qos = 2`): readings wait
+    /// until then for a new try.
+    no_qos2: Option<Hold>,
+    /// Connections in a row that the broker closed while a QoS 2 PUBLISH
+    /// of ours had no answer at all (3.1.1 brokers without QoS 2 may do so).
+    dropped_on_qos2: u32,
+    /// A PUBREC was seen on the current connection.
+    pubrec_seen: bool,
+    /// The broker's CONNACK caps QoS below `mqtt.qos` (MQTT 5 Maximum QoS).
+    qos_capped: Option<u8>,
     next_pkid: u16,
     /// False once the store said there is nothing queued; set again by the
     /// store's notification.
@@ -348,6 +415,12 @@ impl Publisher {
             alarms,
             slots: BTreeMap::new(),
             resend: VecDeque::new(),
+            limits: Limits::default(),
+            holds: BTreeMap::new(),
+            no_qos2: None,
+            dropped_on_qos2: 0,
+            pubrec_seen: false,
+            qos_capped: None,
             next_pkid: 1,
             backlog_hint: true,
             budget,
@@ -395,10 +468,15 @@ impl Publisher {
                 detail = self.report_tls(failure, dropped).await;
             } else if matches!(error, PublishError::Store(_)) {
                 tracing::error!(error = %error, "Store failed; dropping the broker link.");
+            } else if self.connected && self.lost_on_qos2(&error) {
+                self.report_no_qos2(&format!(
+                    "it closed the connection on our QoS 2 PUBLISH twice in a row ({error})"
+                ))
+                .await;
             } else if self.connected {
                 tracing::warn!(%broker, error = %error, "Broker connection lost.");
-            } else if let PublishError::Link(ConnectionError::Refused(code)) = &error {
-                self.report_refused(*code, &broker).await;
+            } else if let PublishError::Link(ConnectionError::Refused { code, reason }) = &error {
+                self.report_refused(*code, reason, &broker).await;
             } else if attempt == 0 {
                 tracing::warn!(%broker, error = %error, "Cannot connect to broker; retrying with backoff.");
             } else {
@@ -473,22 +551,33 @@ impl Publisher {
     }
 
     /// Reports a refused CONNECT: WARN and audit once per return code.
-    async fn report_refused(&mut self, code: ConnectReturnCode, broker: &str) {
+    async fn report_refused(&mut self, code: u8, reason: &str, broker: &str) {
         let trouble = Trouble::Refused(code);
         if self.trouble.as_ref() == Some(&trouble) {
-            tracing::debug!(%broker, ?code, "Broker refused the CONNECT again.");
+            tracing::debug!(%broker, code, "Broker refused the CONNECT again.");
+            return;
+        }
+        if code == 0x84 && self.config.mqtt.protocol == Protocol::V5 {
+            tracing::warn!(
+                %broker,
+                code,
+                "Broker `{broker}` refused the CONNECT ({reason}): it does not speak MQTT 5; set `mqtt.protocol = \"3.1.1\"` in {}.",
+                self.config.source.display()
+            );
+            self.trouble = Some(trouble);
             return;
         }
         tracing::warn!(
             %broker,
-            ?code,
-            "Broker `{broker}` refused the CONNECT ({code:?}): ask its operator to admit client `{}` with the certificate in `mqtt.cert_file` ({}).",
+            code,
+            "Broker `{broker}` refused the CONNECT ({reason}): ask its operator to admit client `{}` with the certificate in `mqtt.cert_file` ({}).",
             self.config.gateway_id,
             self.config.mqtt.cert_file.display()
         );
         let detail = serde_json::json!({
             "broker": broker,
-            "cause": format!("{code:?}"),
+            "cause": reason,
+            "code": code,
             "key": "mqtt.cert_file",
             "file": self.config.mqtt.cert_file.display().to_string(),
         });
@@ -503,6 +592,111 @@ impl Publisher {
             tracing::info!("TLS with the broker works again; alarm `tls` cleared.");
             self.alarms.record(&self.store).await;
         }
+    }
+
+    /// Whether new readings for `topic` wait after a refusal. Once the hold
+    /// runs out, the next `fill` (at the latest on the 1 s beat) tries again;
+    /// the hold itself stays until the broker accepts, so that the next
+    /// refusal waits longer.
+    fn held(&self, topic: &str, now: Instant) -> bool {
+        self.holds.get(topic).is_some_and(|h| h.until > now)
+    }
+
+    /// The broker took an exchange on `topic`: a refusal there is over.
+    async fn accepted(&mut self, topic: &str) {
+        if self.holds.remove(topic).is_some() {
+            tracing::info!(%topic, "The broker accepts readings on this topic again.");
+            if self.holds.is_empty() && self.alarms.clear(REFUSED_ALARM) {
+                self.alarms.record(&self.store).await;
+                self.store
+                    .record("broker_refusal", serde_json::Value::Null)
+                    .await;
+            }
+        }
+        if self.no_qos2.take().is_some() && self.alarms.clear(QOS_ALARM) {
+            self.alarms.record(&self.store).await;
+        }
+    }
+
+    /// The broker refused an exchange on `topic` with MQTT 5 reason `code`:
+    /// its `n` readings are queued again, the topic is held with back-off,
+    /// one ERROR per refusal streak, the `broker-refused` alarm.
+    async fn refused(&mut self, topic: String, code: u8, n: usize) {
+        let now = Instant::now();
+        let first = !self.holds.contains_key(&topic);
+        let hold = Hold::after(self.holds.get(&topic).copied(), now);
+        self.holds.insert(topic.clone(), hold);
+        let reason = wire::reason_name(code);
+        if first {
+            tracing::error!(
+                %topic,
+                code,
+                "The broker refused readings on `{topic}` with reason code 0x{code:02X} ({reason}): they stay queued and are offered again with back-off; ask the broker's operator to allow client `{}` to publish there (its ACL).",
+                self.config.gateway_id
+            );
+        } else {
+            tracing::debug!(%topic, code, retry_in = ?hold.wait, requeued = n, "Refused again.");
+        }
+        let detail = serde_json::json!({
+            "code": code,
+            "reason": reason,
+            "topic": topic,
+            "since": Utc::now().timestamp_millis(),
+            "retry_in_secs": hold.wait.as_secs(),
+        });
+        self.store.record("broker_refusal", detail).await;
+        if self.alarms.raise(REFUSED_ALARM) {
+            self.alarms.record(&self.store).await;
+        }
+    }
+
+    /// The broker has no QoS 2 while `mqtt.qos = 2` (`how` says how that
+    /// showed): one ERROR naming the setting, the `broker-qos` alarm, and
+    /// new readings held with back-off (never a loop of resends).
+    async fn report_no_qos2(&mut self, how: &str) {
+        let first = self.no_qos2.is_none();
+        self.no_qos2 = Some(Hold::after(self.no_qos2, Instant::now()));
+        if first {
+            tracing::error!(
+                "Broker `{}:{}` has no QoS 2: {how}. hearth cannot deliver exactly once through it; readings stay queued. Set `mqtt.qos = 1` in {} for at-least-once delivery (each reading keeps its id, so the receiver drops duplicates), or ask the broker's operator for QoS 2.",
+                self.config.mqtt.host,
+                self.config.mqtt.port,
+                self.config.source.display()
+            );
+        }
+        if self.alarms.raise(QOS_ALARM) {
+            self.alarms.record(&self.store).await;
+        }
+    }
+
+    /// Whether the lost link looks like a broker that drops the connection
+    /// on a QoS 2 PUBLISH (some 3.1.1 brokers without QoS 2): closed by
+    /// the broker while a PUBLISH of ours had no answer and no PUBREC came
+    /// on that link, twice in a row.
+    fn lost_on_qos2(&mut self, error: &PublishError) -> bool {
+        if self.config.mqtt.qos < 2 || self.pubrec_seen {
+            return false;
+        }
+        let closed = matches!(
+            error,
+            PublishError::Link(ConnectionError::Closed | ConnectionError::Io(_))
+        );
+        let unanswered = self.slots.values().any(|s| {
+            matches!(
+                s,
+                Slot::Readings(Open {
+                    released: false,
+                    written: Some(_),
+                    ..
+                })
+            )
+        });
+        if !(closed && unanswered) {
+            self.dropped_on_qos2 = 0;
+            return false;
+        }
+        self.dropped_on_qos2 += 1;
+        self.dropped_on_qos2 >= 2
     }
 
     /// One connection: TLS, the durable pending-CONNECT record, CONNECT,
@@ -529,21 +723,22 @@ impl Publisher {
                 self.config.mqtt.port,
                 self.tls.for_handshake(),
                 self.config.keep_alive(),
+                self.config.mqtt.protocol,
             ) => r?,
         };
         conn.set_beat(self.beat.clone());
         let (session, unseen) = self.store.call(|s| s.begin_connect()).await?;
         let mut connect = self.connect_packet(session);
-        connect.clean_session = !established;
+        connect.clean = !established;
         let connack = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Flow::Stop),
             r = async {
-                conn.send(&[Packet::Connect(connect)]).await?;
+                conn.send(&[Out::Connect(Box::new(connect))]).await?;
                 failpoint::hit("connect-sent");
                 conn.connack().await
             } => match r {
                 Ok(ack) => ack,
-                Err(e @ ConnectionError::Refused(_)) => {
+                Err(e @ ConnectionError::Refused { .. }) => {
                     self.store.call(move |s| s.connect_refused(unseen)).await?;
                     return Err(e.into());
                 }
@@ -593,25 +788,69 @@ impl Publisher {
             );
         }
         self.connected = true;
-        tracing::info!(session, session_present = present, "Connected to broker.");
+        self.apply_limits(&mut conn, &connack);
+        tracing::info!(session, session_present = present, protocol = %self.config.mqtt.protocol, "Connected to broker.");
         self.record_broker("connected", "").await;
         self.serve(&mut conn, session, shutdown).await?;
         conn.close().await;
         Ok(Flow::Stop)
     }
 
-    fn connect_packet(&self, session: u64) -> Connect {
+    fn connect_packet(&self, session: u64) -> wire::Connect {
         let will = self.status(Reason::ConnectionLost, session, None, vec![]);
-        let mut connect = Connect::new(self.config.gateway_id.clone());
-        connect.keep_alive = self.config.mqtt.keep_alive_secs;
-        connect.clean_session = false;
-        connect.last_will = Some(LastWill::new(
-            self.config.topic("status"),
-            will.to_vec(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-        connect
+        wire::Connect {
+            client_id: self.config.gateway_id.clone(),
+            keep_alive: self.config.mqtt.keep_alive_secs,
+            clean: false,
+            will: Will {
+                topic: self.config.topic("status"),
+                payload: Bytes::from(will.to_vec()),
+                retain: true,
+                delay_secs: self.config.mqtt.will_delay_secs,
+                content_type: Some(CONTENT_TYPE),
+            },
+            session_expiry_secs: self.config.mqtt.session_expiry_secs,
+        }
+    }
+
+    /// A PUBLISH of hearth's: content type and schema on every message.
+    fn message(&self, topic: String, body: Vec<u8>, qos: u8, pkid: u16) -> wire::Publish {
+        wire::Publish {
+            topic,
+            payload: Bytes::from(body),
+            qos,
+            pkid,
+            dup: false,
+            retain: false,
+            content_type: Some(CONTENT_TYPE),
+            properties: vec![("schema", payload::SCHEMA.to_string())],
+        }
+    }
+
+    /// Takes in what the broker's CONNACK allows (MQTT 5): the window, the
+    /// largest packet, topic aliases, and whether it has QoS 2 at all.
+    fn apply_limits(&mut self, conn: &mut Connection, ack: &ConnAck) {
+        self.limits = Limits {
+            receive_max: ack.receive_max.unwrap_or(u16::MAX).max(1),
+            max_packet: ack
+                .max_packet_size
+                .map_or(super::connection::MAX_OUTGOING, |m| {
+                    (m as usize).min(super::connection::MAX_OUTGOING)
+                }),
+        };
+        conn.allow_aliases(ack.topic_alias_max.unwrap_or(0));
+        if ack.receive_max.is_some() || ack.max_packet_size.is_some() {
+            tracing::debug!(
+                receive_max = ?ack.receive_max,
+                max_packet_size = ?ack.max_packet_size,
+                topic_alias_max = ?ack.topic_alias_max,
+                session_expiry = ?ack.session_expiry_secs,
+                "Broker limits."
+            );
+        }
+        // No QoS 2 PUBLISH may go to a broker that caps QoS below it; the
+        // status (QoS 1) still tells the hospital why.
+        self.qos_capped = ack.max_qos.filter(|q| self.config.mqtt.qos >= 2 && *q < 2);
     }
 
     fn status(
@@ -667,6 +906,11 @@ impl Publisher {
         let now = Instant::now();
         self.slots.clear();
         self.resend.clear();
+        self.pubrec_seen = false;
+        if let Some(max) = self.qos_capped {
+            self.report_no_qos2(&format!("its CONNACK says Maximum QoS {max} (MQTT 5)"))
+                .await;
+        }
         self.budget = Budget::new(self.config.keep_alive(), now);
         self.ping_sent = None;
         self.ping_answered = None;
@@ -710,7 +954,7 @@ impl Publisher {
                     self.backlog_hint = true;
                     self.check_liveness(conn)?;
                     if self.ping_sent.is_none() {
-                        conn.send(&[Packet::PingReq]).await?;
+                        conn.send(&[Out::PingReq]).await?;
                         self.ping_sent = Some(Instant::now());
                     }
                 }
@@ -823,15 +1067,14 @@ impl Publisher {
             } else {
                 let body = payload::batch(&self.config.gateway_id, &ex.readings);
                 open.bytes = publish_size(&ex.topic, body.len());
-                let mut p = Publish::new(ex.topic, QoS::ExactlyOnce, body);
-                p.pkid = ex.pkid;
+                let mut p = self.message(ex.topic, body, self.config.mqtt.qos, ex.pkid);
                 p.dup = true;
                 self.resend.push_back(p);
             }
             self.slots.insert(ex.pkid, Slot::Readings(open));
         }
         for (i, pkid) in releases.iter().enumerate() {
-            conn.send(&[Packet::PubRel(PubRel::new(*pkid))]).await?;
+            conn.send(&[Out::PubRel(*pkid)]).await?;
             self.mark_written(*pkid);
             if i + 1 < releases.len() || !self.resend.is_empty() {
                 failpoint::hit("resume-partly-sent");
@@ -850,7 +1093,7 @@ impl Publisher {
             }
             let p = self.resend.pop_front().expect("a front");
             let pkid = p.pkid;
-            conn.send(&[Packet::Publish(p)]).await?;
+            conn.send(&[Out::Publish(p)]).await?;
             self.mark_written(pkid);
             if let Some(Slot::Readings(open)) = self.slots.get_mut(&pkid) {
                 open.limited = in_flight + bytes > self.budget.bytes / 2;
@@ -899,7 +1142,21 @@ impl Publisher {
         if !self.resend.is_empty() {
             return Ok(());
         }
-        let window = self.config.mqtt.max_inflight as usize;
+        let now = Instant::now();
+        if self.qos_capped.is_some() || self.no_qos2.is_some_and(|h| h.until > now) {
+            return Ok(());
+        }
+        let alerts_held = self.held(&self.config.topic("alerts"), now);
+        let routine_held = self.held(&self.config.topic("readings"), now);
+        if alerts_held && routine_held {
+            return Ok(());
+        }
+        // The status message (QoS 1) counts against Receive Maximum too.
+        let window = (self.config.mqtt.max_inflight as usize).min(
+            usize::from(self.limits.receive_max)
+                .saturating_sub(1)
+                .max(1),
+        );
         let batch_max = self.config.mqtt.batch_max_readings;
         while self.backlog_hint {
             let open = self
@@ -912,12 +1169,12 @@ impl Publisher {
             }
             let budget = self.budget.bytes;
             let in_flight = self.in_flight();
-            let room = budget.saturating_sub(in_flight);
+            let room = budget.saturating_sub(in_flight).min(self.limits.max_packet);
             // Too little room for routine readings: a PUBREC frees room and
             // calls this again. Alerts go all the same.
             let short = in_flight > 0 && room < MIN_ROOM;
             let routine_allowed =
-                !short && open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
+                !short && !routine_held && open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
             let pkid = self.alloc_pkid();
             let gateway = self.config.gateway_id.clone();
             let alerts = self.config.topic("alerts");
@@ -927,7 +1184,11 @@ impl Publisher {
             let taken = match self
                 .store
                 .call(move |s| {
-                    let mut batch = s.next_queued(Priority::Alert, limit)?;
+                    let mut batch = if alerts_held {
+                        Vec::new()
+                    } else {
+                        s.next_queued(Priority::Alert, limit)?
+                    };
                     let mut topic = alerts;
                     let at_least_one = at_least_one || !batch.is_empty();
                     if batch.is_empty() && routine_allowed {
@@ -993,9 +1254,8 @@ impl Publisher {
                 limited,
             };
             self.slots.insert(pkid, Slot::Readings(open));
-            let mut p = Publish::new(topic, QoS::ExactlyOnce, body);
-            p.pkid = pkid;
-            conn.send(&[Packet::Publish(p)]).await?;
+            let p = self.message(topic, body, self.config.mqtt.qos, pkid);
+            conn.send(&[Out::Publish(p)]).await?;
             self.mark_written(pkid);
             failpoint::hit("publish-sent");
         }
@@ -1016,9 +1276,11 @@ impl Publisher {
     }
 
     /// Carries out the reaction `incoming::react` (pure, fuzzed) decides.
-    async fn handle(&mut self, conn: &mut Connection, packet: Packet) -> Result<(), PublishError> {
-        match incoming::react(&packet, |pkid| self.id_use(pkid)) {
+    async fn handle(&mut self, conn: &mut Connection, packet: In) -> Result<(), PublishError> {
+        match incoming::react(&packet, self.config.mqtt.qos, |pkid| self.id_use(pkid)) {
             Reaction::Release(pkid) => {
+                self.pubrec_seen = true;
+                self.dropped_on_qos2 = 0;
                 let Some(Slot::Readings(open)) = self.slots.get(&pkid).copied() else {
                     unreachable!("react said PUBREC for a published exchange");
                 };
@@ -1069,13 +1331,56 @@ impl Publisher {
             }
             Reaction::Complete(pkid) => {
                 failpoint::hit("pubcomp-received");
-                let n = self
-                    .store
-                    .call(move |s| s.complete_exchange(pkid, Utc::now()))
-                    .await?;
+                let released = self.id_use(pkid) == IdUse::Released;
+                let topic = self.store.call(move |s| s.exchange_topic(pkid)).await?;
+                let n = if released {
+                    self.store
+                        .call(move |s| s.complete_exchange(pkid, Utc::now()))
+                        .await?
+                } else {
+                    // QoS 1: PUBACK ends the exchange.
+                    self.store
+                        .call(move |s| s.acknowledge_exchange(pkid, Utc::now()))
+                        .await?
+                };
                 self.slots.remove(&pkid);
                 self.backlog_hint = true;
                 tracing::debug!(pkid, readings = n, "Delivered.");
+                if let Some(topic) = topic {
+                    self.accepted(&topic).await;
+                }
+            }
+            Reaction::Refused { pkid, code } => {
+                let topic = self.store.call(move |s| s.exchange_topic(pkid)).await?;
+                let n = self.store.call(move |s| s.exchange_refused(pkid)).await?;
+                self.slots.remove(&pkid);
+                self.refused(topic.unwrap_or_default(), code, n).await;
+            }
+            Reaction::NoQos2(pkid) => {
+                // The broker took the message at QoS 1: delivered, at
+                // least once.
+                let n = self
+                    .store
+                    .call(move |s| s.acknowledge_exchange(pkid, Utc::now()))
+                    .await?;
+                self.slots.remove(&pkid);
+                self.backlog_hint = true;
+                tracing::debug!(pkid, readings = n, "Delivered at QoS 1.");
+                self.report_no_qos2("it answered a QoS 2 PUBLISH with PUBACK (QoS 1)")
+                    .await;
+            }
+            Reaction::Disconnected(code) => {
+                let reason = match &packet {
+                    In::Disconnect { reason, .. } => reason.clone(),
+                    _ => None,
+                };
+                if code == 0x9B && self.config.mqtt.qos >= 2 {
+                    self.report_no_qos2(
+                        "it closed the connection with reason 0x9B (QoS not supported)",
+                    )
+                    .await;
+                }
+                return Err(ConnectionError::Disconnected { code, reason }.into());
             }
             Reaction::IgnoreComp(pkid) => {
                 tracing::warn!(pkid, "PUBCOMP for a packet id not released; ignored.");
@@ -1088,8 +1393,7 @@ impl Publisher {
                 self.ping_answered = self.ping_sent.take().or(self.ping_answered);
             }
             Reaction::AnswerPubRel(pkid) => {
-                conn.send(&[Packet::PubComp(rumqttc::PubComp::new(pkid))])
-                    .await?;
+                conn.send(&[Out::PubComp(pkid)]).await?;
             }
             Reaction::Unexpected(kind) => {
                 tracing::debug!(packet = kind, "Unexpected packet from broker; ignored.");
@@ -1101,7 +1405,7 @@ impl Publisher {
     /// Writes PUBREL for an exchange whose release the store has recorded.
     async fn write_pubrel(&mut self, conn: &mut Connection, pkid: u16) -> Result<(), PublishError> {
         failpoint::hit("release-recorded");
-        conn.send(&[Packet::PubRel(PubRel::new(pkid))]).await?;
+        conn.send(&[Out::PubRel(pkid)]).await?;
         self.mark_written(pkid);
         failpoint::hit("pubrel-sent");
         Ok(())
@@ -1146,10 +1450,9 @@ impl Publisher {
         .to_vec();
         let pkid = self.alloc_pkid();
         self.slots.insert(pkid, Slot::Status);
-        let mut p = Publish::new(self.config.topic("status"), QoS::AtLeastOnce, body);
+        let mut p = self.message(self.config.topic("status"), body, 1, pkid);
         p.retain = true;
-        p.pkid = pkid;
-        conn.send(&[Packet::Publish(p)]).await?;
+        conn.send(&[Out::Publish(p)]).await?;
         Ok(pkid)
     }
 

@@ -1104,6 +1104,78 @@ impl Store {
         run(&mut self.conn).map_err(|e| self.err(e))
     }
 
+    /// Completes the exchange `pkid` in stage `publish` on the broker's
+    /// PUBACK: QoS 1, or a QoS 2 PUBLISH that a broker without QoS 2 took
+    /// at QoS 1. Its readings are delivered (at least once); returns how
+    /// many.
+    pub fn acknowledge_exchange(
+        &mut self,
+        pkid: u16,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let exchange: Option<i64> = tx
+                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'publish'")?
+                .query_row(params![pkid], |r| r.get(0))
+                .optional()?;
+            let Some(exchange) = exchange else {
+                return Ok(0);
+            };
+            let n = tx
+                .prepare_cached(
+                    "UPDATE readings SET state = 'delivered', exchange_id = NULL,
+                     delivered_at = ?1 WHERE exchange_id = ?2",
+                )?
+                .execute(params![to_ms(now), exchange])?;
+            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
+                .execute(params![exchange])?;
+            tx.prepare_cached(
+                "INSERT INTO gateway_state (key, value) VALUES ('last_delivery', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![to_ms(now).to_string()])?;
+            tx.commit()?;
+            Ok(n)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Ends the exchange `pkid` that the broker refused (an MQTT 5 reason
+    /// code of 0x80 or more on PUBREC or PUBACK): the broker holds nothing
+    /// of it, so its readings are queued again, in their old order, and the
+    /// exchange is deleted. Returns how many readings were queued again.
+    pub fn exchange_refused(&mut self, pkid: u16) -> Result<usize, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let exchange: Option<i64> = tx
+                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'publish'")?
+                .query_row(params![pkid], |r| r.get(0))
+                .optional()?;
+            let Some(exchange) = exchange else {
+                return Ok(0);
+            };
+            let n = tx
+                .prepare_cached(
+                    "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id = ?1",
+                )?
+                .execute(params![exchange])?;
+            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
+                .execute(params![exchange])?;
+            tx.commit()?;
+            Ok(n)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// The topic of the open exchange `pkid`.
+    pub fn exchange_topic(&self, pkid: u16) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT topic FROM exchanges WHERE pkid = ?1")
+            .and_then(|mut st| st.query_row(params![pkid], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))
+    }
+
     /// Counts a re-sent PUBLISH or PUBREL of an open exchange.
     pub fn exchange_resent(&mut self, pkid: u16) -> Result<(), StoreError> {
         self.conn

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use bytes::BytesMut;
 use chrono::Timelike as _;
 use hearth::config::{Config, ConfigError};
-use hearth::mqtt::incoming::{IdUse, MAX_PACKET, Reaction, next_packet, react};
+use hearth::mqtt::incoming::{IdUse, MAX_PACKET, Protocol, Reaction, next_packet, react};
+use hearth::mqtt::wire::In;
 use hearth::serial::frame::{Decoded, Decoder, Frame, MAX_FRAME_LEN};
-use rumqttc::Packet;
 
 // ---- frame_decoder: the serial frame decoder (`src/serial/frame.rs`) ----
 
@@ -155,21 +155,28 @@ fn one_line_naming_the_file(e: &ConfigError) {
 /// the stream was split into reads; and the QoS 2 rules hold over any
 /// sequence of packets: PUBREL is written only for an exchange we recorded
 /// (an unknown id is blocked for the connection, and never released later),
-/// PUBCOMP completes only an exchange past PUBREC.
+/// PUBCOMP completes only an exchange past PUBREC; a refusal (MQTT 5
+/// reason code 0x80 or more) never releases. Both protocol versions read
+/// the same bytes, and each packet list meets both `mqtt.qos` settings.
 pub fn mqtt_incoming(data: &[u8]) {
-    let (packets, end) = read_all(data, usize::MAX);
-    for read in [1, 7, 4096] {
-        assert_eq!(
-            read_all(data, read),
-            (packets.clone(), end.clone()),
-            "reads of {read}"
-        );
-    }
-
-    let mut ids = Ids::new();
-    for packet in &packets {
-        let reaction = react(packet, |pkid| ids.get(pkid));
-        ids.apply(reaction);
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let (packets, end) = read_all(protocol, data, usize::MAX);
+        for read in [1, 7, 4096] {
+            assert_eq!(
+                read_all(protocol, data, read),
+                (packets.clone(), end.clone()),
+                "{protocol}, reads of {read}"
+            );
+        }
+        for qos in [2, 1] {
+            let mut ids = Ids::new(qos);
+            for packet in &packets {
+                let reaction = react(packet, qos, |pkid| ids.get(pkid));
+                if !ids.apply(packet, reaction) {
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -178,13 +185,13 @@ type End = Option<String>;
 
 /// `Connection::read` over `data`, delivered in reads of at most `read`
 /// bytes: the packets, and how it ended.
-fn read_all(data: &[u8], read: usize) -> (Vec<Packet>, End) {
+fn read_all(protocol: Protocol, data: &[u8], read: usize) -> (Vec<In>, End) {
     let mut buf = BytesMut::with_capacity(4096);
     let mut rest = data;
     let mut packets = Vec::new();
     loop {
         let before = buf.len();
-        match next_packet(&mut buf) {
+        match next_packet(protocol, &mut buf) {
             Ok(Some(packet)) => packets.push(packet),
             Ok(None) => {
                 // The codec only ever takes bytes from the front.
@@ -216,13 +223,14 @@ fn read_all(data: &[u8], read: usize) -> (Vec<Packet>, End) {
 /// has lost the exchanges of ids that are multiples of 5, as after a crash
 /// the broker remembers better than we do.
 struct Ids {
+    qos: u8,
     table: BTreeMap<u16, IdUse>,
     /// Ids blocked on this connection: never released again.
     blocked: Vec<u16>,
 }
 
 impl Ids {
-    fn new() -> Ids {
+    fn new(qos: u8) -> Ids {
         let table = (1..=40)
             .map(|pkid| {
                 let use_ = match pkid % 4 {
@@ -236,6 +244,7 @@ impl Ids {
             .filter(|(_, use_)| *use_ != IdUse::Free)
             .collect();
         Ids {
+            qos,
             table,
             blocked: Vec::new(),
         }
@@ -245,8 +254,13 @@ impl Ids {
         self.table.get(&pkid).copied().unwrap_or(IdUse::Free)
     }
 
-    /// What the publisher does, checking the QoS 2 rules first.
-    fn apply(&mut self, reaction: Reaction) {
+    /// What the publisher does, checking the QoS 2 rules first; false once
+    /// the link is over.
+    fn apply(&mut self, packet: &In, reaction: Reaction) -> bool {
+        let code = match *packet {
+            In::PubAck { code, .. } | In::PubRec { code, .. } | In::PubComp { code, .. } => code,
+            _ => 0,
+        };
         match reaction {
             Reaction::Release(pkid) => {
                 assert_eq!(self.get(pkid), IdUse::Published, "{reaction:?}");
@@ -276,20 +290,46 @@ impl Ids {
                 self.set(pkid, IdUse::Blocked);
             }
             Reaction::Complete(pkid) => {
-                assert_eq!(self.get(pkid), IdUse::Released, "{reaction:?}");
+                let done = self.get(pkid);
+                // QoS 2: only past PUBREC. QoS 1: PUBACK ends a PUBLISH.
+                assert!(
+                    done == IdUse::Released
+                        || (self.qos == 1 && done == IdUse::Published && code < 0x80),
+                    "{reaction:?} of {done:?} at QoS {}",
+                    self.qos
+                );
                 self.table.remove(&pkid);
             }
+            Reaction::Refused {
+                pkid,
+                code: refused,
+            } => {
+                assert_eq!(self.get(pkid), IdUse::Published, "{reaction:?}");
+                assert!(refused >= 0x80 && refused == code, "{reaction:?}");
+                self.table.remove(&pkid);
+            }
+            Reaction::NoQos2(pkid) => {
+                assert_eq!(self.qos, 2, "{reaction:?}");
+                assert_eq!(self.get(pkid), IdUse::Published, "{reaction:?}");
+                self.table.remove(&pkid);
+            }
+            Reaction::Disconnected(_) => return false,
             Reaction::StatusAcked(pkid) => {
                 assert_eq!(self.get(pkid), IdUse::Status, "{reaction:?}");
                 self.table.remove(&pkid);
             }
             Reaction::IgnoreRec(pkid) => {
-                assert!(matches!(self.get(pkid), IdUse::Status | IdUse::Blocked));
+                // A QoS 2 PUBLISH is never left waiting on its PUBREC.
+                assert!(
+                    !(self.qos == 2 && self.get(pkid) == IdUse::Published),
+                    "{reaction:?}"
+                );
             }
             Reaction::IgnoreComp(pkid) => assert_ne!(self.get(pkid), IdUse::Released),
             Reaction::IgnoreAck(pkid) => assert_ne!(self.get(pkid), IdUse::Status),
             Reaction::PingAnswered | Reaction::AnswerPubRel(_) | Reaction::Unexpected(_) => {}
         }
+        true
     }
 
     fn set(&mut self, pkid: u16, use_: IdUse) {

@@ -369,7 +369,7 @@ impl Session {
             connect.keep_alive = KEEP_ALIVE.as_secs() as u16;
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                opened = Connection::open(&self.host, self.port, self.tls.clone(), connect, IO_TIMEOUT) => opened,
+                opened = Connection::open_v4(&self.host, self.port, self.tls.clone(), connect, IO_TIMEOUT) => opened,
             };
             let lost = match opened {
                 Ok((mut conn, connack)) => {
@@ -413,7 +413,7 @@ impl Session {
             self.subscribed = false;
         }
         if !self.subscribed {
-            conn.send(&[Packet::Subscribe(self.subscribe_packet())])
+            conn.send_v4(&[Packet::Subscribe(self.subscribe_packet())])
                 .await?;
         }
 
@@ -425,10 +425,10 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                packet = conn.read() => {
+                packet = conn.read_v4() => {
                     ping_sent = None;
                     if let Some(reply) = self.handle(packet?) {
-                        conn.send(&[reply]).await?;
+                        conn.send_v4(&[reply]).await?;
                     }
                 }
                 _ = ping.tick() => match ping_sent {
@@ -437,7 +437,7 @@ impl Session {
                     }
                     Some(_) => {}
                     None => {
-                        conn.send(&[Packet::PingReq]).await?;
+                        conn.send_v4(&[Packet::PingReq]).await?;
                         ping_sent = Some(Instant::now());
                     }
                 },

@@ -560,7 +560,9 @@ class Bench:
         out = subprocess.run([self.a.hearth, "config", "check", "--allow-absent-port",
                               "--config", cfg], capture_output=True, text=True)
         self.cbor = out.returncode == 0
-        self.cbor_why = "" if self.cbor else out.stderr.strip().splitlines()[-1:]
+        why = (out.stderr.strip().splitlines() or ["?"])[-1]
+        # "... key `mqtt.encoding` (line 13): unknown field `encoding`, expected one of ..."
+        self.cbor_why = why.split(": ", 2)[-1].split(", expected")[0] if not self.cbor else ""
         progress("mqtt.encoding = \"cbor\": %s" % ("accepted" if self.cbor else
                                                   "rejected (%s)" % self.cbor_why))
 
@@ -1049,8 +1051,8 @@ def main():
     made = a.work_dir is None
     a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="hearth-bench-", dir="/var/tmp")
     progress("work folder %s; N = %s readings" % (a.work_dir, fmt_int(a.n)))
-    fs = subprocess.run(["stat", "-f", "-c", "%T", a.work_dir], capture_output=True,
-                        text=True).stdout.strip()
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", a.work_dir], capture_output=True,
+                        text=True).stdout.strip() or "?"
     b = Bench(a)
     started = datetime.now(timezone.utc)
     try:
@@ -1077,8 +1079,8 @@ def main():
     for k, v in b.r.get("failed", {}).items():
         notes.append("- Failed: %s: %s" % (k, v))
     if not b.cbor:
-        notes.append("- Compact encoding: `hearth config check` rejects `mqtt.encoding`: %s"
-                     % " ".join(b.cbor_why))
+        notes.append("- Compact encoding: `hearth config check` rejects `mqtt.encoding = \"cbor\"` "
+                     "(%s): its rows are n/a until that key lands." % b.cbor_why)
     ing = b.r.get("ingest")
     if ing and (ing["naks"] or ing["busy"] or ing["resent"]):
         notes.append("- Ingest saw %d NAKs, %d BUSY, %d resends."

@@ -3,6 +3,7 @@
 mod ack_latency;
 mod audit;
 mod bad_input;
+mod brokers;
 mod chaos;
 mod config;
 mod crash;

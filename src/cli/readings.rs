@@ -210,6 +210,10 @@ struct StatusView {
     requeued_after_lost_session: u64,
     /// Active alarms as last recorded by the running gateway.
     alarms: Vec<String>,
+    /// While the broker refuses readings (MQTT 5): the reason code, its
+    /// name, the topic, since when (ms), the wait before the next try.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_refusal: Option<serde_json::Value>,
     /// The client and CA certificates of the configuration, read from disk.
     certificates: Vec<CertificateView>,
     /// Where a damaged database was moved at start, if one was.
@@ -334,6 +338,13 @@ pub fn status(config: &ConfigArg, format: Format) -> anyhow::Result<()> {
         session: store.state("session")?.and_then(|v| v.parse().ok()),
         broker,
         serial,
+        broker_refusal: json_state("broker_refusal")?
+            .filter(|v| !v.is_null())
+            .filter(|_| {
+                alarms
+                    .iter()
+                    .any(|a| a == crate::mqtt::publisher::REFUSED_ALARM)
+            }),
         requeued_after_lost_session: store
             .state("requeued_after_lost_session")?
             .and_then(|v| v.parse().ok())
@@ -466,6 +477,16 @@ fn status_table(
         writeln!(
             out,
             "moved aside      {aside} (a damaged database; needs an operator)"
+        )?;
+    }
+    if let Some(r) = &view.broker_refusal {
+        writeln!(
+            out,
+            "refused          by the broker: reason code 0x{:02X} ({}) on `{}`; next try in {} s",
+            r["code"].as_u64().unwrap_or(0),
+            r["reason"].as_str().unwrap_or("?"),
+            r["topic"].as_str().unwrap_or("?"),
+            r["retry_in_secs"].as_u64().unwrap_or(0)
         )?;
     }
     if view.requeued_after_lost_session > 0 {

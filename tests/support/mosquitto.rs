@@ -52,6 +52,8 @@ pub struct Mosquitto {
     stderr: PathBuf,
     db: PathBuf,
     child: Option<Child>,
+    /// Lines appended to the generated config (e.g. an `acl_file`).
+    extra: String,
 }
 
 /// How one launch ended.
@@ -76,6 +78,7 @@ impl Mosquitto {
             stderr: dir.join("mosquitto.stderr"),
             db: dir.join("mosquitto.db"),
             child: None,
+            extra: String::new(),
         };
         for _ in 0..BIND_ATTEMPTS {
             broker.port = free_port();
@@ -153,6 +156,21 @@ impl Mosquitto {
         });
     }
 
+    /// Appends `extra` to the config and has the running broker reload it
+    /// (SIGHUP: mosquitto re-reads its ACL file, among others). The
+    /// listener stays as it is.
+    #[track_caller]
+    pub fn reconfigure(&mut self, certs: &DevCerts, extra: &str) {
+        self.extra = extra.to_owned();
+        self.write_config(certs);
+        let pid = self.pid().expect("mosquitto is not running");
+        let reloads = self.log().matches("Reloading config").count();
+        signal(pid, libc::SIGHUP, "SIGHUP");
+        wait_for(READY_TIMEOUT, "mosquitto to reload its config", || {
+            (self.log().matches("Reloading config").count() > reloads).then_some(())
+        });
+    }
+
     /// The broker's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -205,7 +223,9 @@ impl Mosquitto {
              certfile {cert}\n\
              keyfile {key}\n\
              require_certificate true\n\
-             use_identity_as_username true\n",
+             use_identity_as_username true\n\
+             {extra}\n",
+            extra = self.extra,
             log = self.log.display(),
             port = self.port,
             ca = certs.ca_cert.display(),

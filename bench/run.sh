@@ -16,6 +16,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 say() { printf '[bench] %s\n' "$*" >&2; }
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in bench/
 
 for arg in "$@"; do
     case $arg in

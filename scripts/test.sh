@@ -2,6 +2,7 @@
 # Every check and test hearth has, from a clean checkout on Debian (as root, or
 # with sudo for the installs and the system test).
 # Installs what the tests need (mosquitto, its clients, socat, openssl,
+# rabbitmq-server,
 # libssl-dev and pkg-config for SQLCipher; Debian's
 # systemd tools; cargo-deb and cargo-cyclonedx, and cargo-deny through
 # scripts/supply-chain/check.sh) when missing, then: cargo fmt --check, cargo
@@ -20,6 +21,10 @@ command -v openssl >/dev/null || need+=(openssl)
 # SQLCipher (rusqlite's bundled-sqlcipher) builds against the system's libcrypto.
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# The broker without QoS 2 (MQTT 3.1.1 only) that tests/brokers.rs runs on
+# free ports; Debian's package may also start its own service, which the
+# tests leave alone.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

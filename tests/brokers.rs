@@ -219,3 +219,124 @@ fn mqtt_5_is_the_default_and_3_1_1_still_delivers() {
         );
     }
 }
+
+/// RabbitMQ (Debian's 3.10, MQTT 3.1.1 only, no QoS 2) over TLS: with
+/// `qos = 1` everything is delivered; with `qos = 2` one clear ERROR naming
+/// the missing QoS 2 and `mqtt.qos`, the `broker-qos` alarm, and no resend
+/// loop; with the default MQTT 5, one clear line to set `protocol`.
+#[test]
+fn rabbitmq_without_qos_2_delivers_at_qos_1_and_says_clearly_what_is_missing() {
+    let id = "gw-rabbit";
+    let dir = crate::support::TestDir::new();
+    let certs = hearth::certs::DevCerts::generate(&dir.subdir("certs"), id).expect("dev certs");
+    let rabbit = crate::support::RabbitMq::start(&dir.subdir("rabbit"), &certs);
+    // A rig for its layout only: its mosquitto stays idle.
+    let rig = Rig::new(id);
+    let mut gw = GatewayOpts::new(id);
+    gw.mqtt_port = Some(rabbit.port);
+    let with_certs = |config: &std::path::Path| {
+        // The rig made its own certificates: use the ones RabbitMQ trusts.
+        let text = std::fs::read_to_string(config).unwrap();
+        let text = text
+            .replace(
+                &rig.certs.ca_cert.display().to_string(),
+                &certs.ca_cert.display().to_string(),
+            )
+            .replace(
+                &rig.certs.gateway_cert.display().to_string(),
+                &certs.gateway_cert.display().to_string(),
+            )
+            .replace(
+                &rig.certs.gateway_key.display().to_string(),
+                &certs.gateway_key.display().to_string(),
+            );
+        std::fs::write(config, text).unwrap();
+    };
+
+    // 1. The default, MQTT 5: RabbitMQ 3.10 refuses the protocol version.
+    let sim = Sim::start(&["--count", "5", "--interval-ms", "0", "--alert-rate", "0"]);
+    let config = rig.config(&gw, &sim.pty);
+    with_certs(&config);
+    let mut hearth = Hearth::start(&config);
+    sim.finish(Duration::from_secs(30));
+    // It hangs up on an MQTT 5 CONNECT without a CONNACK.
+    let needle = "closed the connection on our MQTT 5 CONNECT";
+    hearth.wait_log_count(needle, 1, Duration::from_secs(30));
+    wait_for(
+        Duration::from_secs(30),
+        "the broker-protocol alarm and a few retries",
+        || {
+            let view = status_view(&config);
+            (hearth.log_text().matches("on our CONNECT again").count() >= 2
+                && view["alarms"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == "broker-protocol")))
+            .then_some(())
+        },
+    );
+    let log = hearth.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "one WARN, then DEBUG: {log}");
+    assert!(
+        lines[0].contains("mqtt.protocol = \"3.1.1\""),
+        "{}",
+        lines[0]
+    );
+    assert!(hearth.stop().success());
+
+    // 2. 3.1.1 with qos = 2: RabbitMQ answers PUBACK; one ERROR, an alarm.
+    mqtt_settings(&config, "protocol = \"3.1.1\"");
+    hearth.restart();
+    let view = wait_for(Duration::from_secs(30), "the broker-qos alarm", || {
+        let view = status_view(&config);
+        view["alarms"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "broker-qos"))
+            .then_some(view)
+    });
+    assert_eq!(view["healthy"], false);
+    // No loop: after the first exchange, readings wait (2 s, then 4 s...).
+    std::thread::sleep(Duration::from_secs(5));
+    let log = hearth.log_text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("has no QoS 2")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains(" ERROR "), "{}", errors[0]);
+    assert!(errors[0].contains("`mqtt.qos = 1`"), "{}", errors[0]);
+    let exchanges = log.matches("Publishing.").count();
+    assert!(
+        exchanges <= 3,
+        "{exchanges} exchanges in 5 s: a loop\n{log}"
+    );
+    assert!(hearth.stop().success());
+
+    // 3. qos = 1: everything is delivered, at the hospital too.
+    let sub = Subscriber::start_on(
+        rabbit.port,
+        &certs,
+        "hospital-rabbit",
+        &["hearth/v1/gw-rabbit/+"],
+    );
+    let sim = Sim::start(&["--count", "50", "--interval-ms", "0", "--start-seq", "6"]);
+    let config = rig.config(&gw, &sim.pty);
+    with_certs(&config);
+    mqtt_settings(&config, "protocol = \"3.1.1\"\nqos = 1");
+    hearth.restart();
+    sim.finish(Duration::from_secs(30));
+    wait_for(Duration::from_secs(60), "all 55 delivered", || {
+        let rows = readings(&config, &[]);
+        (rows.len() == 55 && rows.iter().all(|r| r["state"] == "delivered")).then_some(())
+    });
+    let got = sub.wait_all(Duration::from_secs(30), |all| {
+        crate::e2e::reading_deliveries(all).len() >= 50
+    });
+    let got = crate::e2e::reading_deliveries(&got);
+    let mut ids: Vec<&str> = got.iter().map(|(_, r)| r["id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert!(
+        ids.len() >= 50,
+        "{} of the 50 new readings at the hospital",
+        ids.len()
+    );
+    assert!(hearth.stop().success(), "{}", rabbit.log().len());
+}

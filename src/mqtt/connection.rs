@@ -52,6 +52,8 @@ pub enum ConnectionError {
     ServerName(String),
     #[error("broker refused the connection: {reason} (reason code 0x{code:02X})")]
     Refused { code: u8, reason: &'static str },
+    #[error("broker closed the connection after our CONNECT, without a CONNACK")]
+    ClosedOnConnect,
     #[error("broker answered CONNECT with a {0} packet, not CONNACK")]
     NoConnAck(&'static str),
     #[error("connection lost: {0}")]

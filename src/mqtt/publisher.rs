@@ -113,6 +113,9 @@ pub const TLS_ALARM: &str = "tls";
 /// The alarm raised while the broker refuses readings (MQTT 5 reason code
 /// of 0x80 or more on PUBREC or PUBACK).
 pub const REFUSED_ALARM: &str = "broker-refused";
+/// The alarm raised while the broker hangs up on our CONNECT (under MQTT 5,
+/// most likely a broker that speaks 3.1.1 only).
+pub const PROTOCOL_ALARM: &str = "broker-protocol";
 /// The alarm raised while `mqtt.qos = 2` meets a broker without QoS 2.
 pub const QOS_ALARM: &str = "broker-qos";
 /// First wait before readings the broker refused are offered again; it
@@ -191,6 +194,7 @@ enum Flow {
 enum Trouble {
     Tls(TlsFailure),
     Refused(u8),
+    ClosedOnConnect,
 }
 
 /// The most unacknowledged PUBLISH bytes (and the largest PUBLISH) allowed
@@ -477,6 +481,8 @@ impl Publisher {
                 tracing::warn!(%broker, error = %error, "Broker connection lost.");
             } else if let PublishError::Link(ConnectionError::Refused { code, reason }) = &error {
                 self.report_refused(*code, reason, &broker).await;
+            } else if let PublishError::Link(ConnectionError::ClosedOnConnect) = &error {
+                self.report_closed_on_connect(&broker).await;
             } else if attempt == 0 {
                 tracing::warn!(%broker, error = %error, "Cannot connect to broker; retrying with backoff.");
             } else {
@@ -558,6 +564,9 @@ impl Publisher {
             return;
         }
         if code == 0x84 && self.config.mqtt.protocol == Protocol::V5 {
+            if self.alarms.raise(PROTOCOL_ALARM) {
+                self.alarms.record(&self.store).await;
+            }
             tracing::warn!(
                 %broker,
                 code,
@@ -585,9 +594,40 @@ impl Publisher {
         self.trouble = Some(trouble);
     }
 
+    /// The broker hung up on our CONNECT: one WARN per streak, the
+    /// `broker-protocol` alarm. Under MQTT 5 the likely cause is a broker
+    /// that speaks 3.1.1 only (RabbitMQ 3.x does so without a CONNACK).
+    async fn report_closed_on_connect(&mut self, broker: &str) {
+        if self.trouble.as_ref() == Some(&Trouble::ClosedOnConnect) {
+            tracing::debug!(%broker, "Broker closed the connection on our CONNECT again.");
+            return;
+        }
+        match self.config.mqtt.protocol {
+            Protocol::V5 => tracing::warn!(
+                %broker,
+                "Broker `{broker}` closed the connection on our MQTT 5 CONNECT without an answer: if it speaks MQTT 3.1.1 only (RabbitMQ 3.x, older brokers), set `mqtt.protocol = \"3.1.1\"` in {}; otherwise ask its operator why it refuses client `{}`. Retrying with back-off.",
+                self.config.source.display(),
+                self.config.gateway_id
+            ),
+            Protocol::V311 => tracing::warn!(
+                %broker,
+                "Broker `{broker}` closed the connection on our CONNECT without an answer: ask its operator why it refuses client `{}` (certificate in `mqtt.cert_file`, {}). Retrying with back-off.",
+                self.config.gateway_id,
+                self.config.mqtt.cert_file.display()
+            ),
+        }
+        self.trouble = Some(Trouble::ClosedOnConnect);
+        if self.alarms.raise(PROTOCOL_ALARM) {
+            self.alarms.record(&self.store).await;
+        }
+    }
+
     /// A CONNACK arrived: TLS and authentication work.
     async fn link_works(&mut self) {
         self.trouble = None;
+        if self.alarms.clear(PROTOCOL_ALARM) {
+            self.alarms.record(&self.store).await;
+        }
         if self.alarms.clear(TLS_ALARM) {
             tracing::info!("TLS with the broker works again; alarm `tls` cleared.");
             self.alarms.record(&self.store).await;
@@ -738,6 +778,13 @@ impl Publisher {
                 conn.connack().await
             } => match r {
                 Ok(ack) => ack,
+                // TLS held, so the broker read the CONNECT and hung up.
+                Err(ConnectionError::Closed) => {
+                    return Err(ConnectionError::ClosedOnConnect.into());
+                }
+                Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(ConnectionError::ClosedOnConnect.into());
+                }
                 Err(e @ ConnectionError::Refused { .. }) => {
                     self.store.call(move |s| s.connect_refused(unseen)).await?;
                     return Err(e.into());

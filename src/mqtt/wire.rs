@@ -173,6 +173,16 @@ pub fn next_packet(protocol: Protocol, buf: &mut BytesMut) -> Result<Option<In>,
             Err(rumqttc::Error::InsufficientBytes(more)) => Err(more),
             Err(e) => return Err(WireError(format!("{e:?}"))),
         },
+        // A CONNACK of remaining length 2 is MQTT 3.1.1's (MQTT 5 always
+        // has a property length): a broker that speaks 3.1.1 only answers
+        // our MQTT 5 CONNECT with one, return code 1, "unacceptable
+        // protocol version".
+        Protocol::V5 if buf.len() >= 4 && buf[..2] == [0x20, 0x02] => {
+            match rumqttc::Packet::read(buf, MAX_INCOMING) {
+                Ok(packet) => Ok(from_v4(packet)),
+                Err(e) => return Err(WireError(format!("{e:?}"))),
+            }
+        }
         Protocol::V5 => match m5::Packet::read(buf, Some(MAX_INCOMING as u32)) {
             Ok(packet) => Ok(from_v5(packet)),
             Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(more)) => Err(more),
@@ -721,6 +731,16 @@ mod tests {
                 In::PubRec { pkid: 5, code: 0 },
             ]
         );
+    }
+
+    #[test]
+    fn a_3_1_1_connack_refusing_the_protocol_version_is_read_under_mqtt_5() {
+        let mut buf = BytesMut::from(&[0x20, 0x02, 0x00, 0x01][..]);
+        let Some(In::ConnAck(ack)) = next_packet(Protocol::V5, &mut buf).unwrap() else {
+            panic!("not a CONNACK");
+        };
+        assert_eq!((ack.code, ack.reason), (0x84, "RefusedProtocolVersion"));
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod mosquitto;
 pub mod proxy;
+pub mod rabbitmq;
 pub mod receiver;
 pub mod subscriber;
 
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use mosquitto::Mosquitto;
 pub use proxy::FaultProxy;
+pub use rabbitmq::RabbitMq;
 pub use receiver::{Received, Receiver};
 pub use subscriber::{Delivery, Subscriber};
 

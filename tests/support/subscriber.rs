@@ -122,12 +122,18 @@ impl Subscriber {
         client_id: &str,
         topics: &[&str],
     ) -> Subscriber {
+        Self::start_on(broker.port, certs, client_id, topics)
+    }
+
+    /// [`Subscriber::start`] on any broker's TLS port on 127.0.0.1.
+    #[track_caller]
+    pub fn start_on(port: u16, certs: &DevCerts, client_id: &str, topics: &[&str]) -> Subscriber {
         assert!(!topics.is_empty(), "a subscriber needs at least one topic");
         let mut command = Command::new("stdbuf");
         command
             .arg("-oL")
             .arg("mosquitto_sub")
-            .args(["-h", HOST, "-p", &broker.port.to_string()])
+            .args(["-h", HOST, "-p", &port.to_string()])
             .arg("--cafile")
             .arg(&certs.ca_cert)
             .arg("--cert")

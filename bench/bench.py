@@ -422,6 +422,10 @@ def main():
     except BenchError as e:
         progress("FAILED: %s" % e)
         b.r.setdefault("failed", {})["run"] = str(e)
+    except SystemExit:  # a signal: no table
+        if made and not a.keep:
+            shutil.rmtree(a.work_dir, ignore_errors=True)
+        raise
     finally:
         if b.device:
             b.device.close()

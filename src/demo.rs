@@ -203,6 +203,7 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
             qos: 2,
             session_expiry_secs: crate::config::defaults::session_expiry_secs(),
             will_delay_secs: 0,
+            encoding: crate::config::Encoding::Json,
         },
         source: dir.join("demo.toml"),
     };

@@ -340,3 +340,71 @@ fn rabbitmq_without_qos_2_delivers_at_qos_1_and_says_clearly_what_is_missing() {
     );
     assert!(hearth.stop().success(), "{}", rabbit.log().len());
 }
+
+/// The compact encoding (`encoding = "cbor"`): every reading arrives in
+/// CBOR batches that decode to exactly what the JSON batch would say, the
+/// broker sees few bytes per reading, and MQTT 5 names it by content type.
+#[test]
+fn the_compact_encoding_delivers_every_reading_in_few_bytes() {
+    let id = "gw-cbor";
+    let rig = Rig::new(id);
+    let receiver = crate::support::Receiver::start(
+        "127.0.0.1",
+        rig.broker.port,
+        &rig.certs,
+        "hospital-cbor",
+        &["hearth/v1/gw-cbor/readings", "hearth/v1/gw-cbor/alerts"],
+    );
+    let sim = Sim::start(&["--count", "300", "--interval-ms", "0"]);
+    let mut gw = GatewayOpts::new(id);
+    gw.batch = 50;
+    let config = rig.config(&gw, &sim.pty);
+    mqtt_settings(&config, "encoding = \"cbor\"");
+    let _hearth = Hearth::start(&config);
+    sim.finish(Duration::from_secs(60));
+    let count = |all: &[crate::support::Received]| -> usize {
+        all.iter()
+            .map(|d| {
+                hearth::mqtt::compact::decode(&d.payload)
+                    .map(|b| b.readings.len())
+                    .unwrap_or_else(|e| panic!("not a compact batch on {}: {e}", d.topic))
+            })
+            .sum()
+    };
+    assert!(receiver.wait_until(Duration::from_secs(60), |all| count(all) >= 300));
+    let deliveries = receiver.deliveries();
+    let mut ids: Vec<String> = deliveries
+        .iter()
+        .flat_map(|d| hearth::mqtt::compact::decode(&d.payload).unwrap().readings)
+        .map(|r| r.id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 300, "each reading once");
+    wait_for(
+        Duration::from_secs(30),
+        "all 300 delivered in the store",
+        || {
+            let rows = readings(&config, &[]);
+            (rows.len() == 300 && rows.iter().all(|r| r["state"] == "delivered")).then_some(())
+        },
+    );
+    // The broker's own count of payload bytes ("... (N bytes))").
+    let log = rig.broker.log();
+    let payload: usize = log
+        .lines()
+        .filter(|l| l.contains("Received PUBLISH from gw-cbor") && !l.contains("/status"))
+        .filter_map(|l| {
+            l.rsplit_once(" (")?
+                .1
+                .strip_suffix(" bytes))")?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    let per_reading = payload as f64 / 300.0;
+    assert!(
+        per_reading <= 30.0,
+        "{per_reading:.1} payload bytes per reading"
+    );
+}

@@ -77,7 +77,7 @@ use super::tls::{self, TlsFailure, TlsSource};
 use super::wire::{self, ConnAck, In, Out, Protocol, Will};
 use crate::alarm::Alarms;
 use crate::audit;
-use crate::config::Config;
+use crate::config::{Config, Encoding};
 use crate::failpoint;
 use crate::outbox::{Connack, Queued, StoreError, StoreHandle};
 use crate::reading::Priority;
@@ -104,8 +104,31 @@ const UNANSWERED_AFTER: u32 = 2;
 /// topic length (2) and packet id (2).
 const PUBLISH_OVERHEAD: usize = 9;
 /// No reading takes fewer bytes than this in a batch, so a budget of B bytes
-/// never needs more than B / this readings fetched to be filled.
-const MIN_READING_BYTES: usize = 64;
+/// never needs more than B / this readings fetched to be filled: JSON, and
+/// the compact encoding (a CBOR reading is at least its array header, a
+/// series index and three deltas).
+fn min_reading_bytes(encoding: Encoding) -> usize {
+    match encoding {
+        Encoding::Json => 64,
+        Encoding::Cbor => 6,
+    }
+}
+
+/// The payload of a batch of readings in `encoding`.
+pub fn encode_batch(encoding: Encoding, gateway: &str, readings: &[Queued]) -> Vec<u8> {
+    match encoding {
+        Encoding::Json => payload::batch(gateway, readings),
+        Encoding::Cbor => super::compact::encode(gateway, readings),
+    }
+}
+
+/// The MQTT 5 content type of readings in `encoding`.
+fn content_type(encoding: Encoding) -> &'static str {
+    match encoding {
+        Encoding::Json => CONTENT_TYPE,
+        Encoding::Cbor => super::compact::CONTENT_TYPE,
+    }
+}
 /// Less room than this in the budget is not worth a store query.
 const MIN_ROOM: usize = 256;
 /// The alarm raised while the broker link fails in TLS.
@@ -281,20 +304,22 @@ fn longest_prefix(len: usize, mut fits: impl FnMut(usize) -> bool) -> usize {
 /// least one reading if `at_least_one`) and returns that prefix's payload;
 /// `None` if not even one reading fits and one is not required.
 fn cut_to_fit(
+    encoding: Encoding,
     gateway: &str,
     topic: &str,
     batch: &mut Vec<Queued>,
     room: usize,
     at_least_one: bool,
 ) -> Option<Vec<u8>> {
-    let fits = |n: usize| publish_size(topic, payload::batch(gateway, &batch[..n]).len()) <= room;
+    let fits =
+        |n: usize| publish_size(topic, encode_batch(encoding, gateway, &batch[..n]).len()) <= room;
     let n = match longest_prefix(batch.len(), fits) {
         0 if at_least_one => 1,
         0 => return None,
         n => n,
     };
     batch.truncate(n);
-    Some(payload::batch(gateway, batch))
+    Some(encode_batch(encoding, gateway, batch))
 }
 
 /// What the broker's CONNACK allows on one connection (MQTT 5; 3.1.1
@@ -860,6 +885,13 @@ impl Publisher {
         }
     }
 
+    /// A PUBLISH of readings, at `mqtt.qos`, in `mqtt.encoding`.
+    fn reading_message(&self, topic: String, body: Vec<u8>, pkid: u16) -> wire::Publish {
+        let mut p = self.message(topic, body, self.config.mqtt.qos, pkid);
+        p.content_type = Some(content_type(self.config.mqtt.encoding));
+        p
+    }
+
     /// A PUBLISH of hearth's: content type and schema on every message.
     fn message(&self, topic: String, body: Vec<u8>, qos: u8, pkid: u16) -> wire::Publish {
         wire::Publish {
@@ -1112,9 +1144,13 @@ impl Publisher {
             if ex.released {
                 releases.push(ex.pkid);
             } else {
-                let body = payload::batch(&self.config.gateway_id, &ex.readings);
+                let body = encode_batch(
+                    self.config.mqtt.encoding,
+                    &self.config.gateway_id,
+                    &ex.readings,
+                );
                 open.bytes = publish_size(&ex.topic, body.len());
-                let mut p = self.message(ex.topic, body, self.config.mqtt.qos, ex.pkid);
+                let mut p = self.reading_message(ex.topic, body, ex.pkid);
                 p.dup = true;
                 self.resend.push_back(p);
             }
@@ -1227,7 +1263,8 @@ impl Publisher {
             let alerts = self.config.topic("alerts");
             let readings = self.config.topic("readings");
             let at_least_one = in_flight == 0;
-            let limit = batch_max.min(room / MIN_READING_BYTES + 1);
+            let encoding = self.config.mqtt.encoding;
+            let limit = batch_max.min(room / min_reading_bytes(encoding) + 1);
             let taken = match self
                 .store
                 .call(move |s| {
@@ -1246,7 +1283,8 @@ impl Publisher {
                         return Ok(Taken::Nothing);
                     }
                     let fetched = batch.len();
-                    let Some(body) = cut_to_fit(&gateway, &topic, &mut batch, room, at_least_one)
+                    let Some(body) =
+                        cut_to_fit(encoding, &gateway, &topic, &mut batch, room, at_least_one)
                     else {
                         return Ok(Taken::NoRoom);
                     };
@@ -1301,7 +1339,7 @@ impl Publisher {
                 limited,
             };
             self.slots.insert(pkid, Slot::Readings(open));
-            let p = self.message(topic, body, self.config.mqtt.qos, pkid);
+            let p = self.reading_message(topic, body, pkid);
             conn.send(&[Out::Publish(p)]).await?;
             self.mark_written(pkid);
             failpoint::hit("publish-sent");

@@ -94,8 +94,16 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// Broker host name; also the name its certificate must carry.
+    /// Broker host name; also the name its certificate must carry. May be
+    /// left out when `hosts` is given.
+    #[serde(default)]
     pub host: String,
+    /// Brokers to fail over between, tried in order: `["a.example:8883",
+    /// "b.example"]` (a missing port is `port`). A list replaces `host`.
+    /// Moving to another broker counts as a lost session: readings in
+    /// flight are queued again (counted), never lost.
+    #[serde(default)]
+    pub hosts: Vec<String>,
     /// Broker TLS port.
     #[serde(default = "defaults::mqtt_port")]
     pub port: u16,
@@ -154,6 +162,58 @@ pub struct MqttConfig {
     /// in a batch of 50, for metered links). Status messages stay JSON.
     #[serde(default)]
     pub encoding: Encoding,
+}
+
+impl MqttConfig {
+    /// The brokers to try, in order: `hosts`, or else `host` and `port`.
+    /// Entries are checked by [`Config::validate`]; one that does not
+    /// parse is left out.
+    pub fn brokers(&self) -> Vec<(String, u16)> {
+        if self.hosts.is_empty() {
+            return vec![(self.host.clone(), self.port)];
+        }
+        self.hosts
+            .iter()
+            .filter_map(|e| parse_broker(e, self.port).ok())
+            .collect()
+    }
+}
+
+/// `name`, `name:port`, `[v6]` or `[v6]:port`.
+fn parse_broker(entry: &str, default_port: u16) -> Result<(String, u16), String> {
+    let bad = |why: &str| {
+        format!(
+            "entry `{}` {why}: write `name:port` or `name`",
+            printable(entry.to_owned())
+        )
+    };
+    let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad("has no closing `]`"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (v6, Some(p)),
+            None if after.is_empty() => (v6, None),
+            None => return Err(bad("has text after `]`")),
+        }
+    } else {
+        match entry.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (entry, None),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(bad("has no host name"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad("has a port that is not 1 to 65535"))?,
+        None => default_port,
+    };
+    Ok((host.to_owned(), port))
 }
 
 /// The payload encoding of `readings` and `alerts` messages.
@@ -325,11 +385,19 @@ impl Config {
                 );
             }
         }
-        if self.mqtt.host.is_empty() {
-            return Err(self.invalid("mqtt.host", "is empty: name the hospital's broker"));
+        if self.mqtt.host.is_empty() && self.mqtt.hosts.is_empty() {
+            return Err(self.invalid(
+                "mqtt.host",
+                "is empty: name the hospital's broker (or list brokers in `mqtt.hosts`)",
+            ));
         }
         if self.mqtt.port == 0 {
             return Err(self.invalid("mqtt.port", "must be above 0"));
+        }
+        for entry in &self.mqtt.hosts {
+            if let Err(problem) = parse_broker(entry, self.mqtt.port) {
+                return Err(self.invalid("mqtt.hosts", problem));
+            }
         }
         let prefix = &self.mqtt.topic_prefix;
         if prefix.is_empty()

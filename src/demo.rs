@@ -186,6 +186,7 @@ fn run_in(dir: &Path, count: u64, interval: Duration) -> anyhow::Result<()> {
         },
         mqtt: MqttConfig {
             host: "localhost".into(),
+            hosts: Vec::new(),
             port,
             ca_file: certs.ca_cert.clone(),
             cert_file: certs.gateway_cert.clone(),

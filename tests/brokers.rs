@@ -408,3 +408,85 @@ fn the_compact_encoding_delivers_every_reading_in_few_bytes() {
         "{per_reading:.1} payload bytes per reading"
     );
 }
+
+/// `mqtt.hosts`: two real mosquittos. The first dies mid-stream; hearth
+/// moves to the second, counts the move as a lost session (what was in
+/// flight is queued again) and loses nothing: every reading reaches the
+/// hospital, which listens on both.
+#[test]
+fn failover_to_the_second_broker_loses_nothing_and_counts_the_move() {
+    let id = "gw-failover";
+    let mut rig = Rig::new(id);
+    let second = crate::support::Mosquitto::start(&rig.dir.subdir("broker-b"), &rig.certs);
+    let topics = [
+        "hearth/v1/gw-failover/readings",
+        "hearth/v1/gw-failover/alerts",
+    ];
+    let at_a = crate::support::Receiver::start(
+        "127.0.0.1",
+        rig.broker.port,
+        &rig.certs,
+        "hospital-a",
+        &topics,
+    );
+    let at_b = crate::support::Receiver::start(
+        "127.0.0.1",
+        second.port,
+        &rig.certs,
+        "hospital-b",
+        &topics,
+    );
+    let sim = Sim::start(&["--count", "200", "--interval-ms", "20"]);
+    let mut gw = GatewayOpts::new(id);
+    gw.batch = 4;
+    let config = rig.config(&gw, &sim.pty);
+    mqtt_settings(
+        &config,
+        &format!(
+            "hosts = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+            rig.broker.port, second.port
+        ),
+    );
+    let hearth = Hearth::start(&config);
+    let ids = |r: &crate::support::Receiver| -> Vec<String> {
+        r.deliveries()
+            .iter()
+            .flat_map(|d| crate::harness::ids(&serde_json::from_slice(&d.payload).unwrap()))
+            .collect()
+    };
+    assert!(at_a.wait_until(Duration::from_secs(30), |all| all.len() >= 10));
+    rig.broker.kill();
+    sim.finish(Duration::from_secs(60));
+    wait_for(
+        Duration::from_secs(60),
+        "all 200 readings at the hospital",
+        || {
+            let mut all = ids(&at_a);
+            all.extend(ids(&at_b));
+            all.sort();
+            all.dedup();
+            (all.len() == 200).then_some(())
+        },
+    );
+    assert!(
+        !ids(&at_b).is_empty(),
+        "nothing went through the second broker"
+    );
+    let log = hearth.log_text();
+    assert!(
+        log.contains("Trying the next broker in `mqtt.hosts`."),
+        "{log}"
+    );
+    assert!(log.contains("Moved to another broker"), "{log}");
+    wait_for(
+        Duration::from_secs(30),
+        "all delivered in the store",
+        || {
+            readings(&config, &[])
+                .iter()
+                .all(|r| r["state"] == "delivered")
+                .then_some(())
+        },
+    );
+    assert_eq!(status_view(&config)["broker"]["state"], "connected");
+}

@@ -95,6 +95,8 @@ const SESSION_RESET: &str = "reset";
 const SESSION_ESTABLISHED: &str = "established";
 /// Set in `gateway_state` once the broker holds a session for this store.
 const SESSION_KEY: &str = "broker_session";
+/// The broker (`host:port`) that holds that session.
+const SESSION_BROKER_KEY: &str = "broker_session_host";
 /// How long a shutdown waits for the broker to acknowledge the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 /// An exchange unanswered this many keep-alives after its packet was
@@ -397,6 +399,10 @@ pub struct Publisher {
     dropped_on_qos2: u32,
     /// A PUBREC was seen on the current connection.
     pubrec_seen: bool,
+    /// The brokers to try (`mqtt.hosts`, or `mqtt.host`), and the one tried
+    /// now.
+    brokers: Vec<(String, u16)>,
+    current: usize,
     /// The broker's CONNACK caps QoS below `mqtt.qos` (MQTT 5 Maximum QoS).
     qos_capped: Option<u8>,
     next_pkid: u16,
@@ -435,6 +441,7 @@ impl Publisher {
     ) -> Publisher {
         let budget = Budget::new(config.keep_alive(), Instant::now());
         let tls = tls.into();
+        let brokers = config.mqtt.brokers();
         Publisher {
             config,
             store,
@@ -449,6 +456,8 @@ impl Publisher {
             no_qos2: None,
             dropped_on_qos2: 0,
             pubrec_seen: false,
+            brokers,
+            current: 0,
             qos_capped: None,
             next_pkid: 1,
             backlog_hint: true,
@@ -477,9 +486,9 @@ impl Publisher {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), PublishError> {
         let min = Duration::from_millis(self.config.mqtt.reconnect_min_ms);
         let max = Duration::from_secs(self.config.mqtt.reconnect_max_secs);
-        let broker = format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port);
         let mut attempt: u32 = 0;
         loop {
+            let broker = self.broker_name();
             self.beat.idle_tick().await;
             let started = Instant::now();
             self.connected = false;
@@ -514,6 +523,13 @@ impl Publisher {
                 tracing::debug!(%broker, error = %error, attempt, "Reconnect failed.");
             }
             self.record_broker("disconnected", &detail).await;
+            // A broker that cannot be reached (or refuses us) hands over to
+            // the next in `mqtt.hosts`; a link that was lost is tried again
+            // first, so that a broker's restart costs no session.
+            if !self.connected && self.brokers.len() > 1 {
+                self.current = (self.current + 1) % self.brokers.len();
+                tracing::info!(next = %self.broker_name(), "Trying the next broker in `mqtt.hosts`.");
+            }
             // Only a link that held for a while resets the backoff, so a
             // broker that drops us at once is not hammered.
             if started.elapsed() >= STABLE_LINK {
@@ -532,6 +548,28 @@ impl Publisher {
         Ok(())
     }
 
+    /// The broker tried now, as `host:port`.
+    fn broker_name(&self) -> String {
+        let (host, port) = self.current_broker();
+        format!("{host}:{port}")
+    }
+
+    fn current_broker(&self) -> (&str, u16) {
+        self.brokers
+            .get(self.current)
+            .map(|(h, p)| (h.as_str(), *p))
+            .unwrap_or((self.config.mqtt.host.as_str(), self.config.mqtt.port))
+    }
+
+    /// `[mqtt]` as it applies to the broker tried now (its host and port).
+    fn mqtt_now(&self) -> crate::config::MqttConfig {
+        let (host, port) = self.current_broker();
+        let mut mqtt = self.config.mqtt.clone();
+        mqtt.host = host.to_owned();
+        mqtt.port = port;
+        mqtt
+    }
+
     /// The TLS failure behind `error`: one that ended a connection before
     /// its CONNACK, or reloaded CRLs refusing the open one. A TLS error on a
     /// working link (a damaged record) is a lost link, not a TLS setup
@@ -547,8 +585,9 @@ impl Publisher {
     /// Reports a TLS failure: WARN and audit once per cause, the `tls`
     /// alarm. Returns the line, for `hearth status`.
     async fn report_tls(&mut self, failure: TlsFailure, dropped: bool) -> String {
+        let mqtt = self.mqtt_now();
         let cx = tls::Context {
-            mqtt: &self.config.mqtt,
+            mqtt: &mqtt,
             config_file: &self.config.source,
             now: Utc::now(),
         };
@@ -566,7 +605,7 @@ impl Publisher {
         } else {
             tracing::warn!(cause = failure.code(), "{line}");
             let detail = serde_json::json!({
-                "broker": format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port),
+                "broker": self.broker_name(),
                 "cause": failure.code(),
                 "key": failure.key(),
                 "file": file,
@@ -723,9 +762,8 @@ impl Publisher {
         self.no_qos2 = Some(Hold::after(self.no_qos2, Instant::now()));
         if first {
             tracing::error!(
-                "Broker `{}:{}` has no QoS 2: {how}. hearth cannot deliver exactly once through it; readings stay queued. Set `mqtt.qos = 1` in {} for at-least-once delivery (each reading keeps its id, so the receiver drops duplicates), or ask the broker's operator for QoS 2.",
-                self.config.mqtt.host,
-                self.config.mqtt.port,
+                "Broker `{}` has no QoS 2: {how}. hearth cannot deliver exactly once through it; readings stay queued. Set `mqtt.qos = 1` in {} for at-least-once delivery (each reading keeps its id, so the receiver drops duplicates), or ask the broker's operator for QoS 2.",
+                self.broker_name(),
                 self.config.source.display()
             );
         }
@@ -776,16 +814,27 @@ impl Publisher {
         // TCP, TLS, CONNACK and the resume: each I/O step is bounded by
         // the keep-alive.
         self.beat.waiting(self.config.keep_alive() * 4);
-        let session_state = self.store.call(|s| s.state(SESSION_KEY)).await?;
-        let established = session_state.is_some();
+        let (session_state, session_broker) = self
+            .store
+            .call(|s| Ok((s.state(SESSION_KEY)?, s.state(SESSION_BROKER_KEY)?)))
+            .await?;
+        let broker_now = self.broker_name();
+        // Another broker (failover in `mqtt.hosts`) does not hold our
+        // session, whatever it says: a session it kept from long ago would
+        // know other packet ids. Start clean there; what was in flight is
+        // queued again, counted as a lost session.
+        let moved_from = session_broker.filter(|b| session_state.is_some() && *b != broker_now);
+        let established = session_state.is_some() && moved_from.is_none();
         self.record_broker("connecting", "").await;
         // This handshake uses the CRLs as they are now: no recheck owed.
         self.tls_reloaded.mark_unchanged();
+        let (host, port) = self.current_broker();
+        let (host, port) = (host.to_owned(), port);
         let mut conn = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Flow::Stop),
             r = Connection::handshake(
-                &self.config.mqtt.host,
-                self.config.mqtt.port,
+                &host,
+                port,
                 self.tls.for_handshake(),
                 self.config.keep_alive(),
                 self.config.mqtt.protocol,
@@ -820,15 +869,32 @@ impl Publisher {
         self.link_works().await;
         if !established {
             // The clean session discarded whatever the broker held for us.
+            let connack = if moved_from.is_some() {
+                Connack::Absent
+            } else {
+                Connack::Reset
+            };
             let requeued = self
                 .store
-                .call(move |s| s.settle_connack(Connack::Reset, unseen))
+                .call(move |s| s.settle_connack(connack, unseen))
                 .await?;
             conn.close().await;
+            let now = broker_now.clone();
             self.store
-                .call(|s| s.set_state(SESSION_KEY, SESSION_RESET))
+                .call(move |s| {
+                    s.set_state(SESSION_KEY, SESSION_RESET)?;
+                    s.set_state(SESSION_BROKER_KEY, &now)
+                })
                 .await?;
-            tracing::info!(requeued, "Broker session reset for a new store.");
+            match moved_from {
+                Some(from) => tracing::warn!(
+                    from = %from,
+                    to = %broker_now,
+                    requeued,
+                    "Moved to another broker: it does not hold this gateway's session, so readings in flight were queued again."
+                ),
+                None => tracing::info!(requeued, "Broker session reset for a new store."),
+            }
             return Ok(Flow::Again);
         }
         let present = connack.session_present;
@@ -844,6 +910,10 @@ impl Publisher {
                 let n = s.settle_connack(connack, unseen)?;
                 if session_state.as_deref() != Some(SESSION_ESTABLISHED) {
                     s.set_state(SESSION_KEY, SESSION_ESTABLISHED)?;
+                }
+                // A store from before `mqtt.hosts` learns its broker now.
+                if s.state(SESSION_BROKER_KEY)?.is_none() {
+                    s.set_state(SESSION_BROKER_KEY, &broker_now)?;
                 }
                 Ok(n)
             })
@@ -1044,7 +1114,7 @@ impl Publisher {
                     // A revoked broker key may be an attacker's: stop
                     // sending at once, not at the next reconnect.
                     self.tls
-                        .recheck(&self.config.mqtt.host, &conn.peer_chain())
+                        .recheck(self.current_broker().0, &conn.peer_chain())
                         .map_err(PublishError::Untrusted)?;
                     tracing::info!("The broker's certificate passes the reloaded CRLs.");
                 }

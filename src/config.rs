@@ -594,4 +594,65 @@ mod tests {
         assert!(err.contains("retention"), "{err}");
         assert!(!err.contains('\n'), "{err}");
     }
+
+    #[test]
+    fn the_mqtt_defaults_and_brokers() {
+        let c = Config::parse(DEFAULT_TOML, Path::new("d.toml")).unwrap();
+        assert_eq!(c.mqtt.protocol, crate::mqtt::wire::Protocol::V5);
+        assert_eq!((c.mqtt.qos, c.mqtt.will_delay_secs), (2, 0));
+        assert_eq!(c.mqtt.session_expiry_secs, 2_592_000);
+        assert_eq!(c.mqtt.encoding, Encoding::Json);
+        assert_eq!(
+            c.mqtt.brokers(),
+            [("mqtt.hospital.example".to_owned(), 8883)]
+        );
+        let text = DEFAULT_TOML.replace("/var/lib/hearth/", "/tmp/").replace(
+            "[mqtt]\n",
+            "[mqtt]\nhosts = [\"a.example:1883\", \"b.example\", \"[::1]:9\", \"[fe80::1]\"]\nprotocol = \"3.1.1\"\nqos = 1\nencoding = \"cbor\"\n",
+        );
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        // Past every `[mqtt]` check; only the certificate files are missing.
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`mqtt.ca_file`"), "{err}");
+        assert_eq!(
+            c.mqtt.brokers(),
+            [
+                ("a.example".to_owned(), 1883),
+                ("b.example".to_owned(), 8883),
+                ("::1".to_owned(), 9),
+                ("fe80::1".to_owned(), 8883),
+            ]
+        );
+        assert_eq!(c.mqtt.protocol, crate::mqtt::wire::Protocol::V311);
+    }
+
+    #[test]
+    fn bad_mqtt_settings_are_named() {
+        for (line, key) in [
+            ("hosts = [\"a.example:0\"]", "mqtt.hosts"),
+            ("hosts = [\"a.example:x\"]", "mqtt.hosts"),
+            ("hosts = [\"[::1\"]", "mqtt.hosts"),
+            ("qos = 0", "mqtt.qos"),
+            ("qos = 3", "mqtt.qos"),
+            (
+                "will_delay_secs = 99\nsession_expiry_secs = 10",
+                "mqtt.will_delay_secs",
+            ),
+        ] {
+            let text = DEFAULT_TOML
+                .replace("/var/lib/hearth/", "/tmp/")
+                .replace("[mqtt]\n", &format!("[mqtt]\n{line}\n"));
+            let err = Config::parse(&text, Path::new("x.toml"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{line}: {err}");
+        }
+        let text = DEFAULT_TOML.replace("[mqtt]\n", "[mqtt]\nprotocol = \"4\"\n");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("protocol"), "{err}");
+    }
 }

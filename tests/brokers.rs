@@ -490,3 +490,104 @@ fn failover_to_the_second_broker_loses_nothing_and_counts_the_move() {
     );
     assert_eq!(status_view(&config)["broker"]["state"], "connected");
 }
+
+/// Where the time of an exchange goes (not a test: `--ignored`, prints).
+#[test]
+#[ignore = "a probe that prints timings"]
+fn probe_exchange_timing() {
+    let id = "gw-probe";
+    let mut rig = Rig::new(id);
+    let n: usize = std::env::var("PROBE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    rig.broker.stop();
+    let sim = Sim::start(&[
+        "--count",
+        &n.to_string(),
+        "--interval-ms",
+        "0",
+        "--alert-rate",
+        "0",
+    ]);
+    let config = rig.config(&GatewayOpts::new(id), &sim.pty);
+    let hearth = Hearth::start(&config);
+    sim.finish(Duration::from_secs(120));
+    rig.broker.relaunch();
+    wait_for(Duration::from_secs(120), "all delivered", || {
+        readings(&config, &[])
+            .iter()
+            .all(|r| r["state"] == "delivered")
+            .then_some(())
+    });
+    let log = hearth.log_text();
+    let mut sent = std::collections::HashMap::new();
+    let mut lat = Vec::new();
+    let t = |l: &str| {
+        chrono::DateTime::parse_from_rfc3339(l.split_whitespace().next().unwrap()).unwrap()
+    };
+    for l in log.lines() {
+        if l.contains("Publishing.") {
+            let pkid: u16 = l
+                .split("pkid=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            sent.insert(pkid, t(l));
+        } else if l.contains("Delivered.") {
+            let ids: Vec<u16> = if let Some(list) = l.split("pkids=[").nth(1) {
+                list.split(']')
+                    .next()
+                    .unwrap()
+                    .split(", ")
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            } else {
+                vec![
+                    l.split("pkid=")
+                        .nth(1)
+                        .unwrap()
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                ]
+            };
+            for p in ids {
+                if let Some(s) = sent.remove(&p) {
+                    lat.push((t(l) - s).num_microseconds().unwrap());
+                }
+            }
+        }
+    }
+    lat.sort();
+    eprintln!(
+        "PROBE exchanges {} p50 {} us p90 {} us max {} us",
+        lat.len(),
+        lat[lat.len() / 2],
+        lat[lat.len() * 9 / 10],
+        lat[lat.len() - 1]
+    );
+    let first = log
+        .lines()
+        .find(|l| l.contains("Publishing."))
+        .map(t)
+        .unwrap();
+    let last = log
+        .lines()
+        .rfind(|l| l.contains("Delivered."))
+        .map(t)
+        .unwrap();
+    eprintln!("PROBE drain {} ms", (last - first).num_milliseconds());
+    let grep: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Publishing.") || l.contains("Delivered.") || l.contains("budget"))
+        .take(40)
+        .collect();
+    eprintln!("{}", grep.join("\n"));
+}

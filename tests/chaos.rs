@@ -270,7 +270,23 @@ fn exactly_once_through_kills_broker_restarts_and_link_faults() {
                     "the receiver to subscribe again",
                     || (receiver.subscribed_count() > subscribed).then_some(()),
                 );
+                let connacks = || {
+                    rig.broker
+                        .log()
+                        .matches("Sending CONNACK to gw-chaos")
+                        .count()
+                };
+                let before = connacks();
                 proxy.blackhole(false);
+                // The loss must meet the running gateway, not a crash armed
+                // by the next fault: a fault plan behind schedule would
+                // otherwise fire that at once, and its CONNECT (never
+                // answered, by design) would take the "no session" CONNACK.
+                crate::support::wait_for(
+                    Duration::from_secs(30),
+                    "the gateway to connect to the broker that lost its session",
+                    || (connacks() > before).then_some(()),
+                );
             }
             Fault::Cut => {
                 proxy.cut_now();
@@ -429,7 +445,14 @@ fn exactly_once_through_kills_broker_restarts_and_link_faults() {
         "broker launches in its log"
     );
     // Two losses close together may meet hearth on one reconnect.
-    assert!(sessions_lost_seen >= 1, "hearth never met a lost session");
+    assert!(
+        sessions_lost_seen >= 1,
+        "hearth never met a lost session:\n{}",
+        log.lines()
+            .filter(|l| l.contains("Connected to broker.") || l.contains("session"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(
         receiver.session_present_false_count() >= SESSION_LOSSES,
         "the broker lost the receiver's session {} times",

@@ -53,7 +53,7 @@ max_inflight = {inflight}
 batch_max_readings = {batch}
 reconnect_min_ms = 100
 reconnect_max_secs = 2
-"#,
+{protocol}"#,
             id = gw.id,
             serial = serial.display(),
             db = self.db(gw).display(),
@@ -66,6 +66,10 @@ reconnect_max_secs = 2
             heartbeat = gw.heartbeat,
             inflight = gw.max_inflight,
             batch = gw.batch,
+            // `HEARTH_TEST_PROTOCOL=3.1.1` runs a test under MQTT 3.1.1.
+            protocol = std::env::var("HEARTH_TEST_PROTOCOL")
+                .map(|p| format!("protocol = \"{p}\"\n"))
+                .unwrap_or_default(),
         );
         std::fs::write(&path, text).expect("write config");
         path

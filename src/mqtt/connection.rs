@@ -226,6 +226,12 @@ impl Connection {
         }
     }
 
+    /// A packet already read and waiting in the buffer, without touching
+    /// the socket: what arrived together with the last one.
+    pub fn buffered(&mut self) -> Result<Option<In>, ConnectionError> {
+        wire::next_packet(self.protocol, &mut self.read_buf).map_err(ConnectionError::Protocol)
+    }
+
     /// Next MQTT 3.1.1 packet, whole (see [`Connection::open_v4`]).
     pub async fn read_v4(&mut self) -> Result<Packet, ConnectionError> {
         loop {

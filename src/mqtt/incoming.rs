@@ -76,6 +76,9 @@ pub enum Reaction {
     /// The exchange is done: PUBCOMP for a released QoS 2 exchange, or
     /// PUBACK for a QoS 1 one. Its readings are delivered, the id is free.
     Complete(u16),
+    /// MQTT 5: PUBCOMP with a failure (0x92) for a released exchange: the
+    /// broker does not know it; its readings are queued again (WARN).
+    Unknown(u16),
     /// PUBCOMP for an id not released: ignored (WARN).
     IgnoreComp(u16),
     /// PUBACK of the status message: the id is free.
@@ -117,9 +120,13 @@ pub fn react(packet: &In, qos: u8, id_use: impl Fn(u16) -> IdUse) -> Reaction {
             IdUse::Free if code < FAILURE => Reaction::Block(pkid),
             _ => Reaction::IgnoreRec(pkid),
         },
-        In::PubComp { pkid, .. } => match id_use(pkid) {
+        In::PubComp { pkid, code } => match id_use(pkid) {
             // 0x92 (Packet Identifier not found) after our PUBREL: the
-            // broker finished it before, as 3.1.1's plain PUBCOMP says.
+            // broker has no record of it. It may have delivered it (and we
+            // lost its PUBCOMP), or lost it with a session it claims to
+            // have: the readings go again, a possible duplicate, never a
+            // loss.
+            IdUse::Released if code >= FAILURE => Reaction::Unknown(pkid),
             IdUse::Released => Reaction::Complete(pkid),
             _ => Reaction::IgnoreComp(pkid),
         },
@@ -356,7 +363,7 @@ mod tests {
                 2,
                 table
             ),
-            Reaction::Complete(2)
+            Reaction::Unknown(2)
         );
     }
 

@@ -149,7 +149,7 @@ const HOLD_MIN: Duration = Duration::from_secs(2);
 const HOLD_MAX: Duration = Duration::from_secs(300);
 /// Bytes an MQTT 5 PUBLISH adds for its properties: content type, the
 /// `schema` user property, a topic alias and the property length.
-const V5_PROPERTIES: usize = 48;
+const V5_PROPERTIES: usize = 52;
 /// The content type of every message (MQTT 5).
 pub const CONTENT_TYPE: &str = "application/json";
 
@@ -361,18 +361,125 @@ impl Hold {
     }
 }
 
-/// What [`Publisher::fill`] took from the store for one new exchange.
-enum Taken {
-    /// Nothing queued (that this exchange may carry).
-    Nothing,
+/// What [`Publisher::fill`] needs to take new exchanges on the store
+/// thread: the room it has, and what may go.
+struct Plan {
+    budget: usize,
+    in_flight: usize,
+    max_packet: usize,
+    open: usize,
+    window: usize,
+    alerts_held: bool,
+    routine_held: bool,
+    batch_max: usize,
+    encoding: Encoding,
+    gateway: String,
+    alerts: String,
+    readings: String,
+}
+
+/// One new exchange, recorded.
+struct Taken {
+    pkid: u16,
+    topic: String,
+    body: Vec<u8>,
+    readings: usize,
+    limited: bool,
+}
+
+/// Why [`Plan::take`] took no more.
+enum Stop {
+    /// Nothing queued (that an exchange may carry now).
+    Nothing { routine_allowed: bool },
     /// Queued readings, but none fits the room left in the budget.
     NoRoom,
-    Batch {
-        topic: String,
-        body: Vec<u8>,
-        readings: usize,
-        limited: bool,
-    },
+}
+
+#[derive(Default)]
+struct End {
+    stop: Option<Stop>,
+    /// The store refused a new exchange (full).
+    full: Option<StoreError>,
+}
+
+impl Plan {
+    /// Takes batches for up to `pkids.len()` new exchanges, each recorded
+    /// ([`crate::outbox::Store::begin_exchange`]) inside the caller's
+    /// transaction: alerts first, each batch cut to the room left. An alert
+    /// never waits for the budget: one alert reading always goes out while
+    /// the window has a slot, so a slow link delays it by its own bytes
+    /// only.
+    fn take(
+        mut self,
+        s: &mut crate::outbox::Store,
+        pkids: &[u16],
+    ) -> Result<(Vec<Taken>, End), StoreError> {
+        let mut taken = Vec::new();
+        let mut end = End::default();
+        for &pkid in pkids {
+            let room = self
+                .budget
+                .saturating_sub(self.in_flight)
+                .min(self.max_packet);
+            // Too little room for routine readings: a PUBREC frees room and
+            // calls this again. Alerts go all the same.
+            let short = self.in_flight > 0 && room < MIN_ROOM;
+            let routine_allowed = !short
+                && !self.routine_held
+                && self.open < self.window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
+            let limit = self
+                .batch_max
+                .min(room / min_reading_bytes(self.encoding) + 1);
+            let mut batch = if self.alerts_held {
+                Vec::new()
+            } else {
+                s.next_queued(Priority::Alert, limit)?
+            };
+            let mut topic = self.alerts.clone();
+            let at_least_one = self.in_flight == 0 || !batch.is_empty();
+            if batch.is_empty() && routine_allowed {
+                batch = s.next_queued(Priority::Routine, limit)?;
+                topic = self.readings.clone();
+            }
+            if batch.is_empty() {
+                end.stop = Some(Stop::Nothing { routine_allowed });
+                break;
+            }
+            let fetched = batch.len();
+            let Some(body) = cut_to_fit(
+                self.encoding,
+                &self.gateway,
+                &topic,
+                &mut batch,
+                room,
+                at_least_one,
+            ) else {
+                end.stop = Some(Stop::NoRoom);
+                break;
+            };
+            let size = publish_size(&topic, body.len());
+            let limited = batch.len() < fetched || self.in_flight + size > self.budget / 2;
+            let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+            match s.begin_exchange(pkid, &topic, &ids, Utc::now()) {
+                Ok(()) => {}
+                Err(e @ StoreError::Full { .. }) => {
+                    end.full = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            self.in_flight += size;
+            self.open += 1;
+            taken.push(Taken {
+                pkid,
+                topic,
+                body,
+                readings: ids.len(),
+                limited,
+            });
+        }
+        Ok((taken, end))
+    }
 }
 
 pub struct Publisher {
@@ -1093,9 +1200,13 @@ impl Publisher {
                     return Ok(());
                 }
                 packet = conn.read() => {
-                    let packet = packet?;
+                    let mut packets = vec![packet?];
                     self.progress = Instant::now();
-                    self.handle(conn, packet).await?;
+                    // What came with it: its acks share one commit.
+                    while let Some(p) = conn.buffered()? {
+                        packets.push(p);
+                    }
+                    self.handle_all(conn, packets).await?;
                 }
                 _ = self.store.queued() => self.backlog_hint = true,
                 _ = ping.tick() => {
@@ -1320,101 +1431,181 @@ impl Publisher {
             if open >= window {
                 return Ok(());
             }
-            let budget = self.budget.bytes;
-            let in_flight = self.in_flight();
-            let room = budget.saturating_sub(in_flight).min(self.limits.max_packet);
-            // Too little room for routine readings: a PUBREC frees room and
-            // calls this again. Alerts go all the same.
-            let short = in_flight > 0 && room < MIN_ROOM;
-            let routine_allowed =
-                !short && !routine_held && open < window.saturating_sub(RESERVED_FOR_ALERTS).max(1);
-            let pkid = self.alloc_pkid();
-            let gateway = self.config.gateway_id.clone();
-            let alerts = self.config.topic("alerts");
-            let readings = self.config.topic("readings");
-            let at_least_one = in_flight == 0;
-            let encoding = self.config.mqtt.encoding;
-            let limit = batch_max.min(room / min_reading_bytes(encoding) + 1);
-            let taken = match self
+            // Every exchange the window has room for is taken in one store
+            // transaction (one fsync), then their PUBLISHes are written.
+            let pkids: Vec<u16> = (0..window - open).map(|_| self.alloc_pkid()).collect();
+            let plan = Plan {
+                budget: self.budget.bytes,
+                in_flight: self.in_flight(),
+                max_packet: self.limits.max_packet,
+                open,
+                window,
+                alerts_held,
+                routine_held,
+                batch_max,
+                encoding: self.config.mqtt.encoding,
+                gateway: self.config.gateway_id.clone(),
+                alerts: self.config.topic("alerts"),
+                readings: self.config.topic("readings"),
+            };
+            let (taken, end) = match self
                 .store
-                .call(move |s| {
-                    let mut batch = if alerts_held {
-                        Vec::new()
-                    } else {
-                        s.next_queued(Priority::Alert, limit)?
-                    };
-                    let mut topic = alerts;
-                    let at_least_one = at_least_one || !batch.is_empty();
-                    if batch.is_empty() && routine_allowed {
-                        batch = s.next_queued(Priority::Routine, limit)?;
-                        topic = readings;
-                    }
-                    if batch.is_empty() {
-                        return Ok(Taken::Nothing);
-                    }
-                    let fetched = batch.len();
-                    let Some(body) =
-                        cut_to_fit(encoding, &gateway, &topic, &mut batch, room, at_least_one)
-                    else {
-                        return Ok(Taken::NoRoom);
-                    };
-                    let size = publish_size(&topic, body.len());
-                    let limited = batch.len() < fetched || in_flight + size > budget / 2;
-                    let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
-                    s.begin_exchange(pkid, &topic, &ids, Utc::now())?;
-                    Ok(Taken::Batch {
-                        topic,
-                        body,
-                        readings: ids.len(),
-                        limited,
-                    })
-                })
+                .call(move |s| s.in_transaction(|s| plan.take(s, &pkids)))
                 .await
             {
                 Ok(taken) => taken,
-                Err(e @ StoreError::Full { .. }) => {
-                    // Completing open exchanges frees room; PUBCOMP and the
-                    // ping tick set the hint again.
-                    if !self.store_full {
-                        tracing::warn!(error = %e, "No new exchange until space is freed.");
-                        self.store_full = true;
-                    }
-                    self.backlog_hint = false;
-                    return Ok(());
-                }
                 Err(e) => return Err(e.into()),
             };
-            self.store_full = false;
-            let (topic, body, n, limited) = match taken {
-                Taken::Batch {
-                    topic,
-                    body,
-                    readings,
-                    limited,
-                } => (topic, body, readings, limited),
-                Taken::NoRoom => return Ok(()),
-                Taken::Nothing => {
+            if let Some(e) = &end.full {
+                // Completing open exchanges frees room; PUBCOMP and the
+                // ping tick set the hint again.
+                if !self.store_full {
+                    tracing::warn!(error = %e, "No new exchange until space is freed.");
+                    self.store_full = true;
+                }
+                self.backlog_hint = false;
+            } else if !taken.is_empty() {
+                self.store_full = false;
+            }
+            if !taken.is_empty() {
+                failpoint::hit("publish-recorded");
+            }
+            for t in taken {
+                tracing::debug!(pkid = t.pkid, readings = t.readings, bytes = t.body.len(), topic = %t.topic, "Publishing.");
+                let open = Open {
+                    released: false,
+                    bytes: publish_size(&t.topic, t.body.len()),
+                    written: None,
+                    limited: t.limited,
+                };
+                self.slots.insert(t.pkid, Slot::Readings(open));
+                let p = self.reading_message(t.topic, t.body, t.pkid);
+                conn.send(&[Out::Publish(p)]).await?;
+                self.mark_written(t.pkid);
+                failpoint::hit("publish-sent");
+            }
+            match end.stop {
+                Some(Stop::Nothing { routine_allowed }) => {
                     if routine_allowed {
                         self.backlog_hint = false;
                     }
                     return Ok(());
                 }
-            };
-            tracing::debug!(pkid, readings = n, bytes = body.len(), %topic, "Publishing.");
-            failpoint::hit("publish-recorded");
-            let open = Open {
-                released: false,
-                bytes: publish_size(&topic, body.len()),
-                written: None,
-                limited,
-            };
-            self.slots.insert(pkid, Slot::Readings(open));
-            let p = self.reading_message(topic, body, pkid);
-            conn.send(&[Out::Publish(p)]).await?;
-            self.mark_written(pkid);
-            failpoint::hit("publish-sent");
+                Some(Stop::NoRoom) => return Ok(()),
+                None if end.full.is_some() => return Ok(()),
+                // The window filled: the loop looks again (it returns).
+                None => {}
+            }
         }
         Ok(())
+    }
+
+    /// Handles packets that arrived together. PUBRECs are recorded in one
+    /// transaction (one fsync) before their PUBRELs go out in one write,
+    /// and PUBCOMPs are completed in one transaction: at a full drain the
+    /// broker's acks come in bursts, and a commit per ack would make the
+    /// disk the limit. Everything else goes through [`Publisher::handle`],
+    /// in order.
+    async fn handle_all(
+        &mut self,
+        conn: &mut Connection,
+        packets: Vec<In>,
+    ) -> Result<(), PublishError> {
+        if packets.len() == 1 {
+            let packet = packets.into_iter().next().expect("one packet");
+            return self.handle(conn, packet).await;
+        }
+        let qos = self.config.mqtt.qos;
+        let mut releases = Vec::new();
+        let mut completes = Vec::new();
+        for packet in packets {
+            match incoming::react(&packet, qos, |pkid| self.id_use(pkid)) {
+                Reaction::Release(pkid) if !releases.contains(&pkid) => {
+                    let Some(Slot::Readings(open)) = self.slots.get(&pkid).copied() else {
+                        unreachable!("react said PUBREC for a published exchange");
+                    };
+                    if let Some(sent) = open.written {
+                        self.budget.sample(sent, open.limited, Instant::now());
+                    }
+                    releases.push(pkid);
+                }
+                Reaction::Complete(pkid)
+                    if self.id_use(pkid) == IdUse::Released && !completes.contains(&pkid) =>
+                {
+                    completes.push(pkid);
+                }
+                _ => self.handle(conn, packet).await?,
+            }
+        }
+        if !completes.is_empty() {
+            failpoint::hit("pubcomp-received");
+            let topics = self.topics_if_held(&completes).await?;
+            let ids = completes.clone();
+            let n = self
+                .store
+                .call(move |s| s.complete_exchanges(&ids, Utc::now()))
+                .await?;
+            for pkid in &completes {
+                self.slots.remove(pkid);
+            }
+            self.backlog_hint = true;
+            tracing::debug!(pkids = ?completes, readings = n, "Delivered.");
+            for topic in topics {
+                self.accepted(&topic).await;
+            }
+        }
+        if !releases.is_empty() {
+            self.pubrec_seen = true;
+            self.dropped_on_qos2 = 0;
+            let ids = releases.clone();
+            let found = self.store.call(move |s| s.exchanges_released(&ids)).await?;
+            let mut out = Vec::new();
+            for (pkid, found) in releases.iter().zip(found) {
+                if !found {
+                    tracing::warn!(
+                        pkid,
+                        "PUBREC for an exchange the store no longer has; the id is left unused on this connection."
+                    );
+                    self.slots.insert(*pkid, Slot::Blocked);
+                    continue;
+                }
+                // Invariant 2: never PUBLISH again after PUBREL.
+                self.resend.retain(|p| p.pkid != *pkid);
+                if let Some(Slot::Readings(open)) = self.slots.get_mut(pkid) {
+                    open.released = true;
+                }
+                out.push(Out::PubRel(*pkid));
+            }
+            if !out.is_empty() {
+                failpoint::hit("release-recorded");
+                conn.send(&out).await?;
+                for pkid in &releases {
+                    self.mark_written(*pkid);
+                }
+                failpoint::hit("pubrel-sent");
+            }
+        }
+        Ok(())
+    }
+
+    /// The topics of exchanges `pkids`, when a refusal or a missing QoS 2
+    /// is being watched (else none: no store query per ack).
+    async fn topics_if_held(&self, pkids: &[u16]) -> Result<Vec<String>, PublishError> {
+        if self.holds.is_empty() && self.no_qos2.is_none() {
+            return Ok(Vec::new());
+        }
+        let ids = pkids.to_vec();
+        let mut topics: Vec<String> = self
+            .store
+            .call(move |s| {
+                ids.iter()
+                    .filter_map(|p| s.exchange_topic(*p).transpose())
+                    .collect::<Result<Vec<String>, StoreError>>()
+            })
+            .await?;
+        topics.sort();
+        topics.dedup();
+        Ok(topics)
     }
 
     /// What a packet id is used for, as `incoming::react` sees it.
@@ -1487,7 +1678,7 @@ impl Publisher {
             Reaction::Complete(pkid) => {
                 failpoint::hit("pubcomp-received");
                 let released = self.id_use(pkid) == IdUse::Released;
-                let topic = self.store.call(move |s| s.exchange_topic(pkid)).await?;
+                let topic = self.topics_if_held(&[pkid]).await?.pop();
                 let n = if released {
                     self.store
                         .call(move |s| s.complete_exchange(pkid, Utc::now()))
@@ -1536,6 +1727,16 @@ impl Publisher {
                     .await;
                 }
                 return Err(ConnectionError::Disconnected { code, reason }.into());
+            }
+            Reaction::Unknown(pkid) => {
+                let n = self.store.call(move |s| s.requeue_released(pkid)).await?;
+                self.slots.remove(&pkid);
+                self.backlog_hint = true;
+                tracing::warn!(
+                    pkid,
+                    requeued = n,
+                    "The broker did not know our PUBREL (reason 0x92): delivered or lost, nobody can tell, so its readings are queued again under their ids."
+                );
             }
             Reaction::IgnoreComp(pkid) => {
                 tracing::warn!(pkid, "PUBCOMP for a packet id not released; ignored.");

@@ -18,6 +18,12 @@
 //!   its readings become `delivered` only in the transaction that deletes it
 //!   on PUBCOMP ([`Store::complete_exchange`]). A packet id is therefore never
 //!   reused while the broker may still hold it.
+//! - That last transaction alone is not synced (`synchronous=NORMAL` for
+//!   it): it survives a process crash, and a power loss may undo it, which
+//!   leaves the exchange in stage `release`; its PUBREL is then sent again
+//!   and the broker's PUBCOMP completes it. No loss, no duplicate, one fsync
+//!   saved per exchange. Every later synced commit carries it to disk too
+//!   (the WAL is written in order), so its packet id is not reused before.
 //! - Rejected frames are kept with their raw bytes: nothing a device sent
 //!   disappears silently.
 //! - A reading deleted after delivery leaves its key and content hash in
@@ -1027,6 +1033,31 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
+    /// Runs `f` in one write transaction (one fsync at its COMMIT); rolled
+    /// back if `f` fails. Store methods that record with savepoints
+    /// ([`Store::begin_exchange`]) become part of it.
+    pub fn in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        match f(self) {
+            Ok(value) => {
+                if let Err(e) = self.conn.execute_batch("COMMIT") {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    return Err(self.err(e));
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// Records a new exchange and puts its readings in flight, in one
     /// transaction. Must return before the PUBLISH is written.
     pub fn begin_exchange(
@@ -1037,7 +1068,9 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            // A savepoint: its own transaction, or a part of the caller's
+            // ([`Store::in_transaction`]).
+            let tx = conn.savepoint()?;
             tx.prepare_cached(
                 "INSERT INTO exchanges (pkid, topic, stage, created_at, sent_count)
                  VALUES (?1, ?2, 'publish', ?3, 1)",
@@ -1061,11 +1094,26 @@ impl Store {
     /// PUBREL. Must return before the PUBREL is written. Returns false when no
     /// exchange has this packet id.
     pub fn exchange_released(&mut self, pkid: u16) -> Result<bool, StoreError> {
-        self.conn
-            .prepare_cached("UPDATE exchanges SET stage = 'release' WHERE pkid = ?1")
-            .and_then(|mut s| s.execute(params![pkid]))
-            .map(|n| n == 1)
-            .map_err(|e| self.err(e))
+        Ok(self.exchanges_released(&[pkid])?[0])
+    }
+
+    /// [`Store::exchange_released`] for several PUBRECs in one transaction
+    /// (one fsync): whether each exchange was found.
+    pub fn exchanges_released(&mut self, pkids: &[u16]) -> Result<Vec<bool>, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<Vec<bool>> {
+            let tx = conn.transaction()?;
+            let found = {
+                let mut update =
+                    tx.prepare_cached("UPDATE exchanges SET stage = 'release' WHERE pkid = ?1")?;
+                pkids
+                    .iter()
+                    .map(|p| update.execute(params![p]).map(|n| n == 1))
+                    .collect::<rusqlite::Result<Vec<bool>>>()?
+            };
+            tx.commit()?;
+            Ok(found)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
     }
 
     /// PUBCOMP arrived: the readings of the exchange are delivered and the
@@ -1076,32 +1124,61 @@ impl Store {
         pkid: u16,
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
+        self.complete_exchanges(&[pkid], now)
+    }
+
+    /// [`Store::complete_exchange`] for several PUBCOMPs in one
+    /// transaction, which is not synced (`synchronous=NORMAL` for it alone,
+    /// see the module documentation): a power loss may undo it, and the
+    /// exchanges are then finished again with PUBREL. The next synced
+    /// commit (any other write) makes it durable too: the WAL is written in
+    /// order, so a packet id is never handed out again before its
+    /// completion is on disk.
+    pub fn complete_exchanges(
+        &mut self,
+        pkids: &[u16],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
-            let exchange: Option<i64> = tx
-                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'release'")?
-                .query_row(params![pkid], |r| r.get(0))
-                .optional()?;
-            let Some(exchange) = exchange else {
-                return Ok(0);
-            };
-            let n = tx
-                .prepare_cached(
-                    "UPDATE readings SET state = 'delivered', exchange_id = NULL,
-                     delivered_at = ?1 WHERE exchange_id = ?2",
+            let mut total = 0;
+            for pkid in pkids {
+                let exchange: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'release'",
+                    )?
+                    .query_row(params![pkid], |r| r.get(0))
+                    .optional()?;
+                let Some(exchange) = exchange else {
+                    continue;
+                };
+                total += tx
+                    .prepare_cached(
+                        "UPDATE readings SET state = 'delivered', exchange_id = NULL,
+                         delivered_at = ?1 WHERE exchange_id = ?2",
+                    )?
+                    .execute(params![to_ms(now), exchange])?;
+                tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
+                    .execute(params![exchange])?;
+            }
+            if total > 0 {
+                tx.prepare_cached(
+                    "INSERT INTO gateway_state (key, value) VALUES ('last_delivery', ?1)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 )?
-                .execute(params![to_ms(now), exchange])?;
-            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
-                .execute(params![exchange])?;
-            tx.prepare_cached(
-                "INSERT INTO gateway_state (key, value) VALUES ('last_delivery', ?1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?
-            .execute(params![to_ms(now).to_string()])?;
+                .execute(params![to_ms(now).to_string()])?;
+            }
             tx.commit()?;
-            Ok(n)
+            Ok(total)
         };
-        run(&mut self.conn).map_err(|e| self.err(e))
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.err(e))?;
+        let result = run(&mut self.conn);
+        let restored = self.conn.pragma_update(None, "synchronous", "FULL");
+        let n = result.map_err(|e| self.err(e))?;
+        restored.map_err(|e| self.err(e))?;
+        Ok(n)
     }
 
     /// Completes the exchange `pkid` in stage `publish` on the broker's
@@ -1162,6 +1239,46 @@ impl Store {
                 .execute(params![exchange])?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
+            tx.commit()?;
+            Ok(n)
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Queues again the readings of the exchange `pkid` past PUBREC, whose
+    /// PUBREL the broker did not know (MQTT 5 PUBCOMP 0x92): delivered or
+    /// lost, nobody can tell, so they go again under their ids (counted
+    /// with the lost sessions' requeues). Returns how many.
+    pub fn requeue_released(&mut self, pkid: u16) -> Result<usize, StoreError> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
+            let tx = conn.transaction()?;
+            let exchange: Option<i64> = tx
+                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'release'")?
+                .query_row(params![pkid], |r| r.get(0))
+                .optional()?;
+            let Some(exchange) = exchange else {
+                return Ok(0);
+            };
+            let n = tx
+                .prepare_cached(
+                    "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id = ?1",
+                )?
+                .execute(params![exchange])?;
+            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
+                .execute(params![exchange])?;
+            let total: u64 = tx
+                .query_row(
+                    "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            tx.prepare_cached(UPSERT_STATE)?.execute(params![
+                "requeued_after_lost_session",
+                (total + n as u64).to_string()
+            ])?;
             tx.commit()?;
             Ok(n)
         };

@@ -300,6 +300,11 @@ impl Ids {
                 );
                 self.table.remove(&pkid);
             }
+            Reaction::Unknown(pkid) => {
+                assert_eq!(self.get(pkid), IdUse::Released, "{reaction:?}");
+                assert!(code >= 0x80, "{reaction:?}");
+                self.table.remove(&pkid);
+            }
             Reaction::Refused {
                 pkid,
                 code: refused,

@@ -463,6 +463,11 @@ impl Plan {
             match s.begin_exchange(pkid, &topic, &ids, Utc::now()) {
                 Ok(()) => {}
                 Err(e @ StoreError::Full { .. }) => {
+                    // SQLite may have rolled the whole transaction back:
+                    // then nothing taken so far is recorded either.
+                    if s.rolled_back() {
+                        taken.clear();
+                    }
                     end.full = Some(e);
                     break;
                 }
@@ -891,14 +896,17 @@ impl Publisher {
             error,
             PublishError::Link(ConnectionError::Closed | ConnectionError::Io(_))
         );
+        // Only a close soon after the PUBLISH counts: a link that dies
+        // later, or a flaky one, says nothing about QoS 2.
+        let soon = self.config.keep_alive().min(Duration::from_secs(5));
         let unanswered = self.slots.values().any(|s| {
             matches!(
                 s,
                 Slot::Readings(Open {
                     released: false,
-                    written: Some(_),
+                    written: Some(w),
                     ..
-                })
+                }) if w.elapsed() < soon
             )
         });
         if !(closed && unanswered) {
@@ -930,6 +938,12 @@ impl Publisher {
         // session, whatever it says: a session it kept from long ago would
         // know other packet ids. Start clean there; what was in flight is
         // queued again, counted as a lost session.
+        // A store from before `mqtt.hosts` kept no broker: its session was
+        // at `mqtt.host:mqtt.port`.
+        let session_broker = session_broker.or_else(|| {
+            (!self.config.mqtt.hosts.is_empty())
+                .then(|| format!("{}:{}", self.config.mqtt.host, self.config.mqtt.port))
+        });
         let moved_from = session_broker.filter(|b| session_state.is_some() && *b != broker_now);
         let established = session_state.is_some() && moved_from.is_none();
         self.record_broker("connecting", "").await;
@@ -981,18 +995,24 @@ impl Publisher {
             } else {
                 Connack::Reset
             };
+            // One transaction: the requeue and the record of which broker
+            // now holds the (new, empty) session. Split, a crash between
+            // them would leave the store without its exchanges yet still
+            // "established" at the old broker, whose packet ids it would
+            // then reuse.
+            let now = broker_now.clone();
             let requeued = self
                 .store
-                .call(move |s| s.settle_connack(connack, unseen))
-                .await?;
-            conn.close().await;
-            let now = broker_now.clone();
-            self.store
                 .call(move |s| {
-                    s.set_state(SESSION_KEY, SESSION_RESET)?;
-                    s.set_state(SESSION_BROKER_KEY, &now)
+                    s.in_transaction(|s| {
+                        let n = s.settle_connack(connack, unseen)?;
+                        s.set_state(SESSION_KEY, SESSION_RESET)?;
+                        s.set_state(SESSION_BROKER_KEY, &now)?;
+                        Ok(n)
+                    })
                 })
                 .await?;
+            conn.close().await;
             match moved_from {
                 Some(from) => tracing::warn!(
                     from = %from,
@@ -1202,11 +1222,24 @@ impl Publisher {
                 packet = conn.read() => {
                     let mut packets = vec![packet?];
                     self.progress = Instant::now();
-                    // What came with it: its acks share one commit.
-                    while let Some(p) = conn.buffered()? {
-                        packets.push(p);
+                    // What came with it: its acks share one commit. A bad
+                    // packet after them ends the link, but only once the
+                    // acks before it are taken in.
+                    let mut trailing = None;
+                    loop {
+                        match conn.buffered() {
+                            Ok(Some(p)) => packets.push(p),
+                            Ok(None) => break,
+                            Err(e) => {
+                                trailing = Some(e);
+                                break;
+                            }
+                        }
                     }
                     self.handle_all(conn, packets).await?;
+                    if let Some(e) = trailing {
+                        return Err(e.into());
+                    }
                 }
                 _ = self.store.queued() => self.backlog_hint = true,
                 _ = ping.tick() => {
@@ -1534,9 +1567,26 @@ impl Publisher {
                 {
                     completes.push(pkid);
                 }
-                _ => self.handle(conn, packet).await?,
+                _ => {
+                    // In order: what was grouped before it goes first.
+                    self.flush_acks(conn, &mut releases, &mut completes).await?;
+                    self.handle(conn, packet).await?;
+                }
             }
         }
+        self.flush_acks(conn, &mut releases, &mut completes).await
+    }
+
+    /// Records and answers grouped PUBRECs and PUBCOMPs (see
+    /// [`Publisher::handle_all`]); leaves both lists empty.
+    async fn flush_acks(
+        &mut self,
+        conn: &mut Connection,
+        releases: &mut Vec<u16>,
+        completes: &mut Vec<u16>,
+    ) -> Result<(), PublishError> {
+        let releases = std::mem::take(releases);
+        let completes = std::mem::take(completes);
         if !completes.is_empty() {
             failpoint::hit("pubcomp-received");
             let topics = self.topics_if_held(&completes).await?;

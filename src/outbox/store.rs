@@ -20,9 +20,11 @@
 //!   reused while the broker may still hold it.
 //! - That last transaction alone is not synced (`synchronous=NORMAL` for
 //!   it): it survives a process crash, and a power loss may undo it, which
-//!   leaves the exchange in stage `release`; its PUBREL is then sent again
-//!   and the broker's PUBCOMP completes it. No loss, no duplicate, one fsync
-//!   saved per exchange. Every later synced commit carries it to disk too
+//!   leaves the exchange in stage `release`; its PUBREL is then sent again.
+//!   Under MQTT 3.1.1 the broker's PUBCOMP completes it (no duplicate);
+//!   under MQTT 5 its PUBCOMP 0x92 has the readings queued again (a
+//!   possible duplicate, same ids). Never a loss; one fsync saved per
+//!   exchange. Every later synced commit carries it to disk too
 //!   (the WAL is written in order), so its packet id is not reused before.
 //! - Rejected frames are kept with their raw bytes: nothing a device sent
 //!   disappears silently.
@@ -1033,6 +1035,13 @@ impl Store {
         run().map_err(|e| self.err(e))
     }
 
+    /// Inside [`Store::in_transaction`]: whether SQLite has rolled the
+    /// transaction back by itself (as it may on SQLITE_FULL), undoing what
+    /// `f` did so far.
+    pub fn rolled_back(&self) -> bool {
+        self.conn.is_autocommit()
+    }
+
     /// Runs `f` in one write transaction (one fsync at its COMMIT); rolled
     /// back if `f` fails. Store methods that record with savepoints
     /// ([`Store::begin_exchange`]) become part of it.
@@ -1044,6 +1053,9 @@ impl Store {
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| self.err(e))?;
         match f(self) {
+            // SQLite itself rolled the transaction back (it may on
+            // SQLITE_FULL); `f` saw that ([`Store::rolled_back`]).
+            Ok(value) if self.conn.is_autocommit() => Ok(value),
             Ok(value) => {
                 if let Err(e) = self.conn.execute_batch("COMMIT") {
                     let _ = self.conn.execute_batch("ROLLBACK");
@@ -1175,10 +1187,13 @@ impl Store {
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| self.err(e))?;
         let result = run(&mut self.conn);
-        let restored = self.conn.pragma_update(None, "synchronous", "FULL");
-        let n = result.map_err(|e| self.err(e))?;
-        restored.map_err(|e| self.err(e))?;
-        Ok(n)
+        if let Err(e) = self.conn.pragma_update(None, "synchronous", "FULL") {
+            // Every later commit would go unsynced (an ACK before its
+            // fsync): this connection must not be used again.
+            tracing::error!(error = %e, "Cannot restore synchronous=FULL on the store; stopping.");
+            return Err(StoreError::Closed);
+        }
+        result.map_err(|e| self.err(e))
     }
 
     /// Completes the exchange `pkid` in stage `publish` on the broker's
@@ -1379,7 +1394,7 @@ impl Store {
         earlier_unseen: bool,
     ) -> Result<usize, StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             let n = match connack {
                 Connack::Reset | Connack::Absent => {
                     let n = tx.execute(

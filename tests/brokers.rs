@@ -591,3 +591,57 @@ fn probe_exchange_timing() {
         .collect();
     eprintln!("{}", grep.join("\n"));
 }
+
+/// A broker's CONNACK limits (MQTT 5): mosquitto's `max_packet_size` and
+/// `max_inflight_messages` become Maximum Packet Size and Receive Maximum.
+/// hearth cuts its batches to fit and keeps its window within them:
+/// everything arrives, and the broker never drops the link for a packet too
+/// large or too many in flight.
+#[test]
+fn the_brokers_maximum_packet_size_and_receive_maximum_are_kept() {
+    let id = "gw-limits";
+    let mut rig = Rig::new(id);
+    let limited = crate::support::Mosquitto::start_with(
+        &rig.dir.subdir("broker-limits"),
+        &rig.certs,
+        "max_packet_size 4096\nmax_inflight_messages 3",
+    );
+    rig.broker = limited;
+    let sub = Subscriber::start(
+        &rig.broker,
+        &rig.certs,
+        "hospital-limits",
+        &["hearth/v1/gw-limits/+"],
+    );
+    let sim = Sim::start(&["--count", "400", "--interval-ms", "0"]);
+    let mut gw = GatewayOpts::new(id);
+    gw.batch = 200;
+    gw.max_inflight = 16;
+    let config = rig.config(&gw, &sim.pty);
+    let hearth = Hearth::start(&config);
+    sim.finish(Duration::from_secs(60));
+    let got = sub.wait_all(Duration::from_secs(60), |all| {
+        crate::e2e::reading_deliveries(all).len() >= 400
+    });
+    assert_eq!(crate::e2e::reading_deliveries(&got).len(), 400);
+    let log = rig.broker.log();
+    let largest = log
+        .lines()
+        .filter(|l| l.contains("Received PUBLISH from gw-limits"))
+        .filter_map(|l| {
+            l.rsplit_once(" (")?
+                .1
+                .strip_suffix(" bytes))")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    assert!(largest < 4096, "a {largest}-byte payload");
+    let hearth_log = hearth.log_text();
+    assert!(
+        !hearth_log.contains("Broker connection lost"),
+        "{hearth_log}"
+    );
+    assert!(hearth_log.contains("Broker limits."), "{hearth_log}");
+}

@@ -68,6 +68,13 @@ impl Mosquitto {
     /// it accepts TCP connections.
     #[track_caller]
     pub fn start(dir: &Path, certs: &DevCerts) -> Mosquitto {
+        Self::start_with(dir, certs, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines in its config from the first
+    /// launch (settings a SIGHUP does not reload, such as `max_packet_size`).
+    #[track_caller]
+    pub fn start_with(dir: &Path, certs: &DevCerts, extra: &str) -> Mosquitto {
         fs::create_dir_all(dir)
             .unwrap_or_else(|err| panic!("cannot create `{}`: {err}", dir.display()));
         let mut broker = Mosquitto {
@@ -78,7 +85,7 @@ impl Mosquitto {
             stderr: dir.join("mosquitto.stderr"),
             db: dir.join("mosquitto.db"),
             child: None,
-            extra: String::new(),
+            extra: extra.to_owned(),
         };
         for _ in 0..BIND_ATTEMPTS {
             broker.port = free_port();

@@ -70,6 +70,22 @@ pub fn on_disk(path: &Path) -> Result<OnDisk, StoreError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .and_then(|conn| conn.query_row("PRAGMA schema_version", [], |_| Ok(())));
+    // Without its WAL, the file alone may not read as a database: a plain
+    // store left by a process that did not checkpoint (a crash, a stop
+    // right after start) has its newest pages, the schema's included, only
+    // in the WAL, and reads as "malformed". Such a store is not damaged:
+    // ask again with the WAL, read-only.
+    let plain = match plain {
+        Err(e) if !is_wrong_key(&e) => Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|conn| {
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.query_row("PRAGMA schema_version", [], |_| Ok(()))
+        }),
+        other => other,
+    };
     match plain {
         Ok(()) => Ok(OnDisk::Plain),
         Err(e) if is_wrong_key(&e) => Ok(OnDisk::Encrypted),
@@ -514,6 +530,49 @@ mod tests {
             .commit_serial("p", &batch, &[], chrono::Utc::now())
             .unwrap();
         (path, encryption)
+    }
+
+    /// A plain store whose writer never checkpointed (a crash, or a stop
+    /// right after start): the file alone may not read as a database, and
+    /// it must still be found plain and opened, never moved aside.
+    #[test]
+    fn a_plain_store_with_its_pages_in_the_wal_is_plain_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        let (mut store, _) = Store::open_checked(&path, &Encryption::Off).unwrap();
+        let batch: Vec<_> = (1..=50).map(|s| reading(s, Priority::Routine)).collect();
+        store
+            .commit_serial("p", &batch, &[], chrono::Utc::now())
+            .unwrap();
+        // As a crash in the middle of a checkpoint leaves it: page 1 of the
+        // file torn, its good copy still in the WAL (no close, so no
+        // checkpoint of it).
+        store
+            .in_transaction(|s| {
+                s.set_state("schema-touch", "1")?;
+                Ok(())
+            })
+            .unwrap();
+        let wal_has_page_1 = {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE touch (x);")
+                .unwrap();
+            std::mem::forget(conn);
+            true
+        };
+        std::mem::forget(store);
+        assert!(wal_has_page_1);
+        assert!(with_suffix(&path, "-wal").metadata().unwrap().len() > 0);
+        {
+            use std::io::{Seek, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(std::io::SeekFrom::Start(100)).unwrap();
+            f.write_all(&[0xFF; 400]).unwrap();
+        }
+        assert_eq!(on_disk(&path).unwrap(), OnDisk::Plain);
+        let (store, moved) = Store::open_checked(&path, &Encryption::Off).unwrap();
+        assert_eq!(moved, None);
+        assert_eq!(store.list(&Default::default()).unwrap().len(), 50);
     }
 
     #[test]

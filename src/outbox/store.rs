@@ -165,6 +165,10 @@ pub enum StoreError {
     },
 }
 
+/// Each connection's page cache, in KiB (negative: `PRAGMA cache_size`
+/// counts KiB when below zero).
+const CACHE_KIB: i64 = -1024;
+
 /// The WAL file of the database at `path`.
 fn wal_of(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -809,6 +813,7 @@ impl Store {
     fn reader(path: &Path, encryption: &Encryption, found: OnDisk) -> Result<Store, StoreError> {
         let (conn, encrypted) = cipher::connect_found(path, encryption, Access::Read, found)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
+            .and_then(|()| conn.pragma_update(None, "cache_size", CACHE_KIB))
             .map_err(|source| StoreError::Open {
                 path: path.to_owned(),
                 source,
@@ -871,6 +876,9 @@ impl Store {
         debug_assert_eq!(mode, "wal");
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         self.conn.pragma_update(None, "foreign_keys", "ON")?;
+        // A small box: 1 MiB of page cache (SQLite's default is 2 MiB per
+        // connection). What the gateway reads again is the newest pages.
+        self.conn.pragma_update(None, "cache_size", CACHE_KIB)?;
         Ok(())
     }
 

@@ -303,3 +303,70 @@ fn the_reader_waits_out_an_unplugged_port_and_carries_on() {
         (readings(&config, &["--state", "delivered"]).len() == 2).then_some(())
     });
 }
+
+/// `hearth readings rejected`: a frame holding terminal escape sequences is
+/// kept as it came and shown harmless, with its reason and time, in every
+/// format; the read of raw (patient) bytes is audited.
+#[test]
+fn readings_rejected_renders_escape_sequences_harmless() {
+    let rig = Rig::new("gw-rej");
+    let gw = GatewayOpts::new("gw-rej");
+    let pair = SocatPair::start(rig.dir.path());
+    let config = rig.config(&gw, &pair.b);
+    let hearth = Hearth::start(&config);
+    hearth.wait_log_count("Serial port opened.", 1, Duration::from_secs(60));
+    let mut device = open_device(&pair.a);
+    let mut decoder = Decoder::new();
+    let hostile: &[u8] = b"\x1b[2J\x1b]0;owned\x07 \\ \x9b31m";
+    device.write_all(hostile).unwrap();
+    device.write_all(&reading(1)).unwrap();
+    let got = answers(&mut device, &mut decoder, 2);
+    assert!(
+        matches!(&got[0], Frame::Nak { reason, .. } if reason == "garbage"),
+        "{got:?}"
+    );
+    let c = config.to_str().unwrap();
+    for format in ["table", "json", "csv"] {
+        let out = std::process::Command::new(crate::support::hearth_bin())
+            .args(["readings", "rejected", "--config", c, "--format", format])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = out.stdout;
+        assert!(
+            text.iter()
+                .all(|&b| b == b'\n' || (0x20..0x7f).contains(&b)),
+            "{format}: a control or non-ASCII byte reached the terminal: {:?}",
+            String::from_utf8_lossy(&text)
+        );
+        let text = String::from_utf8(text).unwrap();
+        let expected = r"\x1b[2J\x1b]0;owned\x07 \\ \x9b31m";
+        let shown = if format == "json" {
+            let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(rows[0]["reason"], "garbage");
+            assert_eq!(rows[0]["bytes"], hostile.len());
+            rows[0]["raw"].as_str().unwrap().to_owned()
+        } else {
+            text.clone()
+        };
+        assert!(shown.contains(expected), "{format}: {text}");
+    }
+    let audit = std::process::Command::new(crate::support::hearth_bin())
+        .args([
+            "audit",
+            "--kind",
+            "patient-data-read",
+            "--format",
+            "json",
+            "--config",
+            c,
+        ])
+        .output()
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(entries.as_array().unwrap().len(), 3, "{entries:#}");
+}

@@ -104,6 +104,9 @@ pub enum Command {
 pub enum ReadingsCommand {
     /// List readings, oldest first.
     List(readings::ListArgs),
+    /// The frames the decoder refused, with reason, time and their raw bytes
+    /// rendered safe (no control character reaches the terminal).
+    Rejected(readings::RejectedArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +254,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Readings {
             command: ReadingsCommand::List(args),
         } => readings::list(args),
+        Command::Readings {
+            command: ReadingsCommand::Rejected(args),
+        } => readings::rejected(args),
         Command::Status { config, format } => readings::status(&config, format),
         Command::Audit(args) => audit::run(args),
         Command::Store {

@@ -39,6 +39,116 @@ pub struct ListArgs {
     pub format: Format,
 }
 
+#[derive(Debug, Args)]
+pub struct RejectedArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Only frames received since TIME: RFC 3339 or an age (`2h`, `7d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many frames (the newest).
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `raw` as text that is safe on any terminal: printable ASCII as it is,
+/// a backslash doubled, every other byte (control characters, escape
+/// sequences, anything not ASCII) as `\xNN`. Reversible.
+pub fn safe_bytes(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+/// `hearth readings rejected`: what the decoder refused, and why.
+pub fn rejected(args: RejectedArgs) -> anyhow::Result<()> {
+    let since = args
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, Utc::now()))
+        .transpose()?;
+    let (config, store) = open(&args.config)?;
+    let rows = store.rejected(since, args.limit)?;
+    // Raw frames hold patient data: shown only once the read is recorded.
+    super::audit::record_read(&config, rows.len(), None)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match args.format {
+        Format::Json => {
+            let rows: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "id": r.id,
+                        "received_at": rfc3339(&r.received_at),
+                        "port": r.port,
+                        "reason": r.reason,
+                        "detail": r.detail,
+                        "raw": safe_bytes(&r.raw),
+                        "raw_hex": r.raw.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        "bytes": r.raw.len(),
+                    })
+                })
+                .collect();
+            serde_json::to_writer(&mut out, &rows)?;
+            writeln!(out)?;
+        }
+        Format::Csv => {
+            writeln!(out, "id,received_at,port,reason,detail,bytes,raw")?;
+            for r in &rows {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{}",
+                    r.id,
+                    rfc3339(&r.received_at),
+                    csv_field(&safe_bytes(r.port.as_bytes())),
+                    csv_field(&r.reason),
+                    csv_field(&safe_bytes(r.detail.as_bytes())),
+                    r.raw.len(),
+                    csv_field(&safe_bytes(&r.raw))
+                )?;
+            }
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{:>7}  {:<24} {:<10} {:>5}  {:<40} RAW",
+                "ID", "RECEIVED", "REASON", "BYTES", "DETAIL"
+            )?;
+            for r in &rows {
+                writeln!(
+                    out,
+                    "{:>7}  {:<24} {:<10} {:>5}  {:<40} {}",
+                    r.id,
+                    rfc3339(&r.received_at),
+                    safe_bytes(r.reason.as_bytes()),
+                    r.raw.len(),
+                    safe_bytes(r.detail.as_bytes()),
+                    safe_bytes(&r.raw)
+                )?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A CSV field, quoted when it holds a comma or a quote.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
 /// Parses `--since`: an RFC 3339 time or an age before now.
 pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, UsageError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -509,6 +619,33 @@ fn status_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn safe_bytes_passes_printable_ascii_and_escapes_the_rest_reversibly() {
+        assert_eq!(safe_bytes(b"$R,ok|1A2B"), "$R,ok|1A2B");
+        assert_eq!(
+            safe_bytes(b"\x1b[2J\\\r\n\xff\x00"),
+            r"\x1b[2J\\\x0d\x0a\xff\x00"
+        );
+        // Every byte value, and back.
+        let all: Vec<u8> = (0..=255).collect();
+        let shown = safe_bytes(&all);
+        assert!(shown.bytes().all(|b| (0x20..0x7f).contains(&b)));
+        let mut back = Vec::new();
+        let mut rest = shown.as_bytes();
+        while let Some((&b, tail)) = rest.split_first() {
+            match (b, tail) {
+                (b'\\', [b'\\', t @ ..]) => (back.push(b'\\'), rest = t).1,
+                (b'\\', [b'x', h, l, t @ ..]) => {
+                    let hex = std::str::from_utf8(&[*h, *l]).unwrap().to_owned();
+                    back.push(u8::from_str_radix(&hex, 16).unwrap());
+                    rest = t;
+                }
+                _ => (back.push(b), rest = tail).1,
+            }
+        }
+        assert_eq!(back, all);
+    }
 
     #[test]
     fn since_accepts_times_and_ages() {

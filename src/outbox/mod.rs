@@ -24,8 +24,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use ingest::{Flag, Insert};
 pub use key::Encryption;
 pub use store::{
-    Connack, Counts, DeviceRow, Exchange, ListFilter, Queued, ReadingRow, RejectedFrame, Store,
-    StoreError,
+    Connack, Counts, DeviceRow, Exchange, ListFilter, Queued, ReadingRow, RejectedFrame,
+    RejectedRow, Store, StoreError,
 };
 
 type Job = Box<dyn FnOnce(&mut Store) + Send>;

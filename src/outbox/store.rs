@@ -243,6 +243,21 @@ pub struct Exchange {
     pub released: bool,
 }
 
+/// One row of `hearth readings rejected`: a frame the decoder refused.
+#[derive(Debug, Clone)]
+pub struct RejectedRow {
+    pub id: i64,
+    pub received_at: DateTime<Utc>,
+    pub port: String,
+    /// The reject code (`garbage`, `checksum`, ...).
+    pub reason: String,
+    /// The cause in words.
+    pub detail: String,
+    /// The bytes as received: patient data, and maybe terminal control
+    /// sequences.
+    pub raw: Vec<u8>,
+}
+
 /// One row of `hearth readings list`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadingRow {
@@ -1679,6 +1694,37 @@ impl Store {
                     variant: row.get(16)?,
                     late: row.get(17)?,
                     restart: row.get(18)?,
+                })
+            })?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// Frames the decoder refused, oldest first: received since `since`, at
+    /// most `limit` (the newest, when limited).
+    pub fn rejected(
+        &self,
+        since: Option<DateTime<Utc>>,
+        limit: Option<u64>,
+    ) -> Result<Vec<RejectedRow>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<RejectedRow>> {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, received_at, port, reason, detail, raw FROM (
+                   SELECT * FROM rejected_frames WHERE received_at >= ?1
+                   ORDER BY received_at DESC, id DESC LIMIT ?2)
+                 ORDER BY received_at, id",
+            )?;
+            let since = since.map_or(i64::MIN, to_ms);
+            let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+            let rows = stmt.query_map(params![since, limit], |row| {
+                Ok(RejectedRow {
+                    id: row.get(0)?,
+                    received_at: from_ms(row.get(1)?),
+                    port: row.get(2)?,
+                    reason: row.get(3)?,
+                    detail: row.get(4)?,
+                    raw: row.get(5)?,
                 })
             })?;
             rows.collect()

@@ -87,8 +87,19 @@ fn readable(files: &[(String, Vec<u8>)], values: &[f64]) -> Vec<String> {
             if contains(bytes, &v.to_be_bytes()) {
                 found.push(format!("{file}: value {v} as a REAL"));
             }
+            // As text a value stands between delimiters (a frame's `,`, a
+            // JSON `:`): four digits alone would also turn up by chance in a
+            // few megabytes of ciphertext (about once in 2^32 positions).
             let text = v.to_string();
-            if text.len() >= 4 && contains(bytes, text.as_bytes()) {
+            let framed = [b',', b':', b'|', b'"', b' ', b'='].iter().any(|open| {
+                [b',', b'}', b'|', b'"', b' ', b'\r'].iter().any(|close| {
+                    let mut needle = vec![*open];
+                    needle.extend_from_slice(text.as_bytes());
+                    needle.push(*close);
+                    contains(bytes, &needle)
+                })
+            });
+            if text.len() >= 4 && framed {
                 found.push(format!("{file}: value {v} as text"));
             }
         }

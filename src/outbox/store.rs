@@ -1261,26 +1261,7 @@ impl Store {
     /// of it, so its readings are queued again, in their old order, and the
     /// exchange is deleted. Returns how many readings were queued again.
     pub fn exchange_refused(&mut self, pkid: u16) -> Result<usize, StoreError> {
-        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
-            let tx = conn.transaction()?;
-            let exchange: Option<i64> = tx
-                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'publish'")?
-                .query_row(params![pkid], |r| r.get(0))
-                .optional()?;
-            let Some(exchange) = exchange else {
-                return Ok(0);
-            };
-            let n = tx
-                .prepare_cached(
-                    "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id = ?1",
-                )?
-                .execute(params![exchange])?;
-            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
-                .execute(params![exchange])?;
-            tx.commit()?;
-            Ok(n)
-        };
-        run(&mut self.conn).map_err(|e| self.err(e))
+        self.requeue_exchange(pkid, "publish", false)
     }
 
     /// Queues again the readings of the exchange `pkid` past PUBREC, whose
@@ -1288,11 +1269,23 @@ impl Store {
     /// lost, nobody can tell, so they go again under their ids (counted
     /// with the lost sessions' requeues). Returns how many.
     pub fn requeue_released(&mut self, pkid: u16) -> Result<usize, StoreError> {
+        self.requeue_exchange(pkid, "release", true)
+    }
+
+    /// Deletes the exchange `pkid` in `stage` and queues its readings
+    /// again, in one transaction; `counted` adds them to
+    /// `requeued_after_lost_session`.
+    fn requeue_exchange(
+        &mut self,
+        pkid: u16,
+        stage: &str,
+        counted: bool,
+    ) -> Result<usize, StoreError> {
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
             let exchange: Option<i64> = tx
-                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = 'release'")?
-                .query_row(params![pkid], |r| r.get(0))
+                .prepare_cached("SELECT id FROM exchanges WHERE pkid = ?1 AND stage = ?2")?
+                .query_row(params![pkid, stage], |r| r.get(0))
                 .optional()?;
             let Some(exchange) = exchange else {
                 return Ok(0);
@@ -1304,19 +1297,21 @@ impl Store {
                 .execute(params![exchange])?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
-            let total: u64 = tx
-                .query_row(
-                    "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
-                    [],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            tx.prepare_cached(UPSERT_STATE)?.execute(params![
-                "requeued_after_lost_session",
-                (total + n as u64).to_string()
-            ])?;
+            if counted {
+                let total: u64 = tx
+                    .query_row(
+                        "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
+                        [],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .optional()?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                tx.prepare_cached(UPSERT_STATE)?.execute(params![
+                    "requeued_after_lost_session",
+                    (total + n as u64).to_string()
+                ])?;
+            }
             tx.commit()?;
             Ok(n)
         };

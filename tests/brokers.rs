@@ -38,6 +38,18 @@ fn acl(rig: &Rig, id: &str, readings_allowed: bool) -> String {
     format!("acl_file {}", path.display())
 }
 
+/// The distinct reading ids among `got`, sorted (at least once: a
+/// duplicate counts once).
+fn unique_ids(got: &[(String, Value)]) -> Vec<String> {
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|(_, r)| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 fn deliveries(sub: &Subscriber) -> Vec<(String, Value)> {
     crate::e2e::reading_deliveries(&sub.all())
 }
@@ -118,9 +130,7 @@ fn an_acl_refusal_is_seen_held_with_an_alarm_and_delivered_once_the_acl_is_fixed
         crate::e2e::reading_deliveries(all).len() >= 10
     });
     let got = crate::e2e::reading_deliveries(&got);
-    let mut ids: Vec<&str> = got.iter().map(|(_, r)| r["id"].as_str().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
+    let ids = unique_ids(&got);
     assert_eq!(ids.len(), 10, "each reading once: {got:#?}");
     wait_for(
         Duration::from_secs(30),
@@ -164,9 +174,7 @@ fn qos_1_delivers_every_reading_with_its_id() {
         crate::e2e::reading_deliveries(all).len() >= 200
     });
     let got = crate::e2e::reading_deliveries(&got);
-    let mut ids: Vec<&str> = got.iter().map(|(_, r)| r["id"].as_str().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
+    let ids = unique_ids(&got);
     assert_eq!(ids.len(), 200);
     wait_for(Duration::from_secs(30), "all delivered", || {
         readings(&config, &[])
@@ -330,9 +338,7 @@ fn rabbitmq_without_qos_2_delivers_at_qos_1_and_says_clearly_what_is_missing() {
         crate::e2e::reading_deliveries(all).len() >= 50
     });
     let got = crate::e2e::reading_deliveries(&got);
-    let mut ids: Vec<&str> = got.iter().map(|(_, r)| r["id"].as_str().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
+    let ids = unique_ids(&got);
     assert!(
         ids.len() >= 50,
         "{} of the 50 new readings at the hospital",

@@ -23,7 +23,7 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags};
 
 use super::StoreError;
-use super::key::{Encryption, Key, Keyring, Source, sync_dir, with_suffix};
+use super::key::{Encryption, Key, Keyring, Loaded, Source, sync_dir, with_suffix};
 
 /// What is at a store's path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,17 +393,7 @@ pub fn connect_found(
         }
         (Encryption::On(ring), _) => ring,
     };
-    let key_err = |source| StoreError::Key {
-        path: path.to_owned(),
-        source,
-    };
-    let loaded = ring
-        .load()
-        .map_err(key_err)?
-        .ok_or_else(|| StoreError::KeyMissing {
-            path: path.to_owned(),
-            key: ring.source().path().to_owned(),
-        })?;
+    let loaded = load_key(path, ring)?;
     let existing = found == OnDisk::Encrypted;
     let (conn, used_pending) =
         open_keyed(path, flags, &loaded.key, loaded.pending.as_ref(), existing)
@@ -456,6 +446,19 @@ fn wrong_key_or(path: &Path, ring: &Keyring, source: rusqlite::Error) -> StoreEr
     }
 }
 
+/// The key of the store at `path` (and an unfinished change's), or why not.
+fn load_key(path: &Path, ring: &Keyring) -> Result<Loaded, StoreError> {
+    ring.load()
+        .map_err(|source| StoreError::Key {
+            path: path.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| StoreError::KeyMissing {
+            path: path.to_owned(),
+            key: ring.source().path().to_owned(),
+        })
+}
+
 /// Opens the encrypted store at `path` for a key change: held exclusively
 /// from its first read on, so that another connection (a running gateway,
 /// which the change would lock out) makes this fail with
@@ -465,13 +468,7 @@ pub fn open_for_rekey(path: &Path, ring: &Keyring) -> Result<Connection, StoreEr
         path: path.to_owned(),
         source,
     };
-    let loaded = ring
-        .load()
-        .map_err(key_err)?
-        .ok_or_else(|| StoreError::KeyMissing {
-            path: path.to_owned(),
-            key: ring.source().path().to_owned(),
-        })?;
+    let loaded = load_key(path, ring)?;
     // Which key opens it, as `connect` finds it; then the connection that
     // holds the store.
     let (probe, used_pending) = open_keyed(

@@ -3,10 +3,17 @@
 //! code (2 for a bad config or bad arguments, 1 otherwise).
 
 mod audit;
+mod chart;
 mod devices;
 mod docs;
+mod export;
+mod gaps;
 mod readings;
+pub mod render;
+mod show;
+mod stats;
 mod store;
+mod tail;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -107,6 +114,24 @@ pub enum ReadingsCommand {
     /// The frames the decoder refused, with reason, time and their raw bytes
     /// rendered safe (no control character reaches the terminal).
     Rejected(readings::RejectedArgs),
+    /// One reading and its whole journey: received, stored, ACKed,
+    /// published (packet id, attempts, connections), PUBREC, delivered, and
+    /// the exact payload it went out in.
+    Show(show::ShowArgs),
+    /// New readings and deliveries as they happen (`--follow`), from a
+    /// read-only connection that never holds the running gateway back.
+    Tail(tail::TailArgs),
+    /// Write readings to a file (CSV, JSON or NDJSON), streamed, with a
+    /// progress bar on a terminal.
+    Export(export::ExportArgs),
+    /// Missing seq ranges per device and epoch, with the time around each.
+    Gaps(gaps::GapsArgs),
+    /// Per device and kind over a window: count, min, max, mean, last value,
+    /// and how many still wait for delivery.
+    Stats(stats::StatsArgs),
+    /// A trend of one kind: in the terminal, or as a PNG or SVG picture
+    /// with axes, units and alert episodes marked.
+    Chart(chart::ChartArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,6 +282,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Readings {
             command: ReadingsCommand::Rejected(args),
         } => readings::rejected(args),
+        Command::Readings { command } => match command {
+            ReadingsCommand::Show(args) => show::run(args),
+            ReadingsCommand::Tail(args) => tail::run(args),
+            ReadingsCommand::Export(args) => export::run(args),
+            ReadingsCommand::Gaps(args) => gaps::run(args),
+            ReadingsCommand::Stats(args) => stats::run(args),
+            ReadingsCommand::Chart(args) => chart::run(args),
+            ReadingsCommand::List(_) | ReadingsCommand::Rejected(_) => unreachable!(),
+        },
         Command::Status { config, format } => readings::status(&config, format),
         Command::Audit(args) => audit::run(args),
         Command::Store {

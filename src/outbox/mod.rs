@@ -15,6 +15,7 @@ pub mod cipher;
 pub mod ingest;
 pub mod key;
 pub mod store;
+pub mod views;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -57,6 +57,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/03-prune-index/up.sql"),
     ),
     ("04-audit", include_str!("../../migrations/04-audit/up.sql")),
+    (
+        "05-journeys",
+        include_str!("../../migrations/05-journeys/up.sql"),
+    ),
 ];
 
 const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
@@ -869,7 +873,13 @@ impl Store {
         &self.conn
     }
 
-    fn err(&self, source: rusqlite::Error) -> StoreError {
+    /// The connection, for the read-only views of the CLI
+    /// ([`super::views`]); they map errors with [`Store::err`].
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn err(&self, source: rusqlite::Error) -> StoreError {
         if let rusqlite::Error::SqliteFailure(e, _) = &source
             && e.code == rusqlite::ErrorCode::DiskFull
         {

@@ -10,6 +10,7 @@
 // is not dead.
 #![allow(dead_code)]
 
+pub mod fill;
 pub mod mosquitto;
 pub mod proxy;
 pub mod rabbitmq;

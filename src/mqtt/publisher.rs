@@ -962,7 +962,19 @@ impl Publisher {
             ) => r?,
         };
         conn.set_beat(self.beat.clone());
-        let (session, unseen) = self.store.call(|s| s.begin_connect()).await?;
+        let qos = self.config.mqtt.qos;
+        let encoding = match self.config.mqtt.encoding {
+            crate::config::Encoding::Json => "json",
+            crate::config::Encoding::Cbor => "cbor",
+        };
+        let (session, unseen) = self
+            .store
+            .call(move |s| {
+                // What the journeys of this connection's exchanges record.
+                s.set_publish_profile(qos, encoding);
+                s.begin_connect()
+            })
+            .await?;
         let mut connect = self.connect_packet(session);
         connect.clean = !established;
         let connack = tokio::select! {

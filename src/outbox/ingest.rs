@@ -125,8 +125,8 @@ const TOP_VARIANT: &str = "SELECT max(v) FROM (
     SELECT variant FROM pruned WHERE device = ?1 AND epoch = ?2 AND seq = ?3 AND run = ?4)";
 const INSERT_READING: &str = "INSERT INTO readings
     (device, epoch, run, seq, variant, hash, late, restart, kind, value, unit, priority,
-     detail, device_time, received_at)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+     detail, device_time, received_at, stored_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 const PUT_RUN: &str = "INSERT INTO device_runs (device, epoch, run, high, high_alert,
     high_routine, gap_missing, gap_since, last_heard, stored, late, restarts, conflicts,
     attention, attention_until, frontier, start, start_time)
@@ -459,6 +459,7 @@ fn insert(
         r.detail,
         to_ms(r.device_time),
         to_ms(now),
+        to_ms(Utc::now()),
     ])?;
     Ok(())
 }

@@ -68,6 +68,15 @@ const INSERT_REJECTED: &str = "INSERT INTO rejected_frames
 const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
     device_time, received_at, epoch, run, variant, late, restart FROM readings
     WHERE state = 'queued' AND priority = ?1 ORDER BY id LIMIT ?2";
+/// A journey ([`Store::begin_exchange`]); `sends` starts with the first
+/// PUBLISH.
+const INSERT_JOURNEY: &str = "INSERT INTO journeys
+    (id, pkid, topic, qos, encoding, readings, began_at, sends)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+/// How a journey ended, once: a journey whose readings were queued again
+/// keeps that outcome when its exchange is released later.
+const END_JOURNEY: &str = "UPDATE journeys SET ended_at = ?2, outcome = ?3
+    WHERE id = ?1 AND outcome IS NULL";
 const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
@@ -344,6 +353,12 @@ pub struct Store {
     gap_wait: std::time::Duration,
     /// How long a device restart or seq conflict keeps its alarm.
     alarm_for: std::time::Duration,
+    /// What the journeys of new exchanges record: the connection (the
+    /// session counter of the last [`Store::begin_connect`]), the QoS and
+    /// the payload encoding ([`Store::set_publish_profile`]).
+    session: u64,
+    qos: u8,
+    encoding: &'static str,
 }
 
 /// Rows one prune step deletes at most (see [`Store::prune_delivered_chunk`]).
@@ -486,6 +501,9 @@ impl Store {
             intake_limit: None,
             gap_wait: ingest::GAP_WAIT,
             alarm_for: DEVICE_ALARM,
+            session: 0,
+            qos: 2,
+            encoding: "json",
         };
         store.configure().map_err(|e| store.err(e))?;
         // Every write transaction takes the write lock when it begins, so a
@@ -844,6 +862,9 @@ impl Store {
             intake_limit: None,
             gap_wait: ingest::GAP_WAIT,
             alarm_for: DEVICE_ALARM,
+            session: 0,
+            qos: 2,
+            encoding: "json",
         })
     }
 
@@ -1103,8 +1124,16 @@ impl Store {
         }
     }
 
+    /// The QoS and payload encoding (`json`, `cbor`) the publisher uses,
+    /// for the journeys of the exchanges it begins.
+    pub fn set_publish_profile(&mut self, qos: u8, encoding: &'static str) {
+        self.qos = qos;
+        self.encoding = encoding;
+    }
+
     /// Records a new exchange and puts its readings in flight, in one
-    /// transaction. Must return before the PUBLISH is written.
+    /// transaction, with its journey (`journeys`, and the reading's list of
+    /// journeys). Must return before the PUBLISH is written.
     pub fn begin_exchange(
         &mut self,
         pkid: u16,
@@ -1112,6 +1141,7 @@ impl Store {
         reading_ids: &[i64],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        let (session, qos, encoding) = (self.session, self.qos, self.encoding);
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             // A savepoint: its own transaction, or a part of the caller's
             // ([`Store::in_transaction`]).
@@ -1124,12 +1154,27 @@ impl Store {
             let exchange = tx.last_insert_rowid();
             let mut mark = tx.prepare_cached(
                 "UPDATE readings SET state = 'inflight', exchange_id = ?1, pkid = ?2,
-                 attempts = attempts + 1, inflight_at = ?3 WHERE id = ?4 AND state = 'queued'",
+                 attempts = attempts + 1, inflight_at = ?3,
+                 journeys = coalesce(journeys || ',', '') || ?1
+                 WHERE id = ?4 AND state = 'queued'",
             )?;
+            let mut marked = Vec::with_capacity(reading_ids.len());
             for id in reading_ids {
-                mark.execute(params![exchange, pkid, to_ms(now), id])?;
+                if mark.execute(params![exchange, pkid, to_ms(now), id])? == 1 {
+                    marked.push(*id);
+                }
             }
             drop(mark);
+            tx.prepare_cached(INSERT_JOURNEY)?.execute(params![
+                exchange,
+                pkid,
+                topic,
+                qos,
+                encoding,
+                super::views::journey::id_ranges(&marked),
+                to_ms(now),
+                format!("{session}P@{}", to_ms(now)),
+            ])?;
             tx.commit()
         };
         run(&mut self.conn).map_err(|e| self.err(e))
@@ -1150,9 +1195,20 @@ impl Store {
             let found = {
                 let mut update =
                     tx.prepare_cached("UPDATE exchanges SET stage = 'release' WHERE pkid = ?1")?;
+                let mut journey = tx.prepare_cached(
+                    "UPDATE journeys SET pubrec_at = ?2
+                     WHERE id = (SELECT id FROM exchanges WHERE pkid = ?1) AND pubrec_at IS NULL",
+                )?;
+                let now = to_ms(Utc::now());
                 pkids
                     .iter()
-                    .map(|p| update.execute(params![p]).map(|n| n == 1))
+                    .map(|p| {
+                        let found = update.execute(params![p])? == 1;
+                        if found {
+                            journey.execute(params![p, now])?;
+                        }
+                        Ok(found)
+                    })
                     .collect::<rusqlite::Result<Vec<bool>>>()?
             };
             tx.commit()?;
@@ -1203,6 +1259,8 @@ impl Store {
                          delivered_at = ?1 WHERE exchange_id = ?2",
                     )?
                     .execute(params![to_ms(now), exchange])?;
+                tx.prepare_cached(END_JOURNEY)?
+                    .execute(params![exchange, to_ms(now), "delivered"])?;
                 tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                     .execute(params![exchange])?;
             }
@@ -1253,6 +1311,8 @@ impl Store {
                      delivered_at = ?1 WHERE exchange_id = ?2",
                 )?
                 .execute(params![to_ms(now), exchange])?;
+            tx.prepare_cached(END_JOURNEY)?
+                .execute(params![exchange, to_ms(now), "acknowledged"])?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
             tx.prepare_cached(
@@ -1305,6 +1365,16 @@ impl Store {
                     "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id = ?1",
                 )?
                 .execute(params![exchange])?;
+            let outcome = if stage == "publish" {
+                "refused"
+            } else {
+                "requeued"
+            };
+            tx.prepare_cached(END_JOURNEY)?.execute(params![
+                exchange,
+                to_ms(Utc::now()),
+                outcome
+            ])?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
             if counted {
@@ -1337,10 +1407,23 @@ impl Store {
     }
 
     /// Counts a re-sent PUBLISH or PUBREL of an open exchange.
+    /// Counts a re-sent PUBLISH or PUBREL of an open exchange, and adds
+    /// the send (connection, packet, time) to its journey.
     pub fn exchange_resent(&mut self, pkid: u16) -> Result<(), StoreError> {
+        let send = |packet: &str| format!(",{}{packet}@{}", self.session, to_ms(Utc::now()));
+        let (publish, release) = (send("P"), send("R"));
         self.conn
             .prepare_cached("UPDATE exchanges SET sent_count = sent_count + 1 WHERE pkid = ?1")
             .and_then(|mut s| s.execute(params![pkid]))
+            .and_then(|_| {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE journeys SET sends = sends || (SELECT CASE stage
+                           WHEN 'release' THEN ?3 ELSE ?2 END FROM exchanges WHERE pkid = ?1)
+                         WHERE id = (SELECT id FROM exchanges WHERE pkid = ?1)",
+                    )?
+                    .execute(params![pkid, publish, release])
+            })
             .map(drop)
             .map_err(|e| self.err(e))
     }
@@ -1398,7 +1481,9 @@ impl Store {
             tx.commit()?;
             Ok((session, unseen))
         };
-        run(&mut self.conn).map_err(|e| self.err(e))
+        let (session, unseen) = run(&mut self.conn).map_err(|e| self.err(e))?;
+        self.session = session;
+        Ok((session, unseen))
     }
 
     /// Settles the open exchanges once CONNACK is seen, in one transaction
@@ -1425,6 +1510,11 @@ impl Store {
             let tx = conn.savepoint()?;
             let n = match connack {
                 Connack::Reset | Connack::Absent => {
+                    tx.execute(
+                        "UPDATE journeys SET ended_at = ?1, outcome = 'requeued'
+                         WHERE id IN (SELECT id FROM exchanges) AND outcome IS NULL",
+                        params![to_ms(Utc::now())],
+                    )?;
                     let n = tx.execute(
                         "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
                         [],
@@ -1432,11 +1522,19 @@ impl Store {
                     tx.execute("DELETE FROM exchanges", [])?;
                     n
                 }
-                Connack::Present if earlier_unseen => tx.execute(
+                Connack::Present if earlier_unseen => {
+                    tx.execute(
+                        "UPDATE journeys SET ended_at = ?1, outcome = 'requeued'
+                         WHERE id IN (SELECT id FROM exchanges WHERE stage = 'release')
+                         AND outcome IS NULL",
+                        params![to_ms(Utc::now())],
+                    )?;
+                    tx.execute(
                     "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id IN
                      (SELECT id FROM exchanges WHERE stage = 'release')",
-                    [],
-                )?,
+                        [],
+                    )?
+                }
                 Connack::Present => 0,
             };
             let mut set = tx.prepare_cached(UPSERT_STATE)?;
@@ -1792,12 +1890,15 @@ impl Store {
     fn prune(&mut self, ids: &str, params: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<usize> {
         let now = to_ms(Utc::now());
         let tx = self.conn.transaction()?;
+        let mut delivered_up_to: Option<i64> = None;
         let gone: Vec<(String, u32, u32, u32, u32, Option<i64>)> = tx
             .prepare(&format!(
                 "DELETE FROM readings WHERE id IN {ids}
-                 RETURNING device, epoch, seq, run, variant, hash"
+                 RETURNING device, epoch, seq, run, variant, hash, delivered_at"
             ))?
             .query_map(params, |r| {
+                let delivered: Option<i64> = r.get(6)?;
+                delivered_up_to = delivered_up_to.max(delivered);
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -1813,6 +1914,12 @@ impl Store {
             keep.execute(params![device, epoch, seq, run, variant, hash, now])?;
         }
         drop(keep);
+        // Readings go oldest delivery first: the journeys that ended by the
+        // newest of these deliveries carried readings pruned now or before.
+        if let Some(up_to) = delivered_up_to {
+            tx.prepare_cached("DELETE FROM journeys WHERE ended_at <= ?1")?
+                .execute(params![up_to])?;
+        }
         let n = gone.len();
         tx.commit()?;
         Ok(n)

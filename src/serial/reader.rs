@@ -268,6 +268,9 @@ impl SerialReader {
             .collect();
         let naks: Vec<Frame> = rejected.iter().map(Rejected::nak).collect();
         let rejected_count = rejected.len();
+        // When the batch came off the line: its `received_at`. The store
+        // thread may be busy (a drain), so `stored_at` can be later.
+        let read_at = Utc::now();
         let rejected: Vec<RejectedFrame> = rejected
             .into_iter()
             .map(|r| RejectedFrame {
@@ -279,9 +282,8 @@ impl SerialReader {
         let result = self
             .store
             .call(move |s| {
-                let now = Utc::now();
-                let outcomes = s.commit_serial(&port, &readings, &rejected, now)?;
-                Ok((outcomes, s.device_alarms(now)?))
+                let outcomes = s.commit_serial(&port, &readings, &rejected, read_at)?;
+                Ok((outcomes, s.device_alarms(Utc::now())?))
             })
             .await;
         let mut out = Vec::new();

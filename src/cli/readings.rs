@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::Serialize;
 
+use super::render::{self, RowsFormat, TimeArgs};
 use super::{ConfigArg, Format, UsageError};
 use crate::config::Config;
 use crate::health::{
@@ -28,16 +29,48 @@ pub struct ListArgs {
     /// Only readings of this device (implant serial).
     #[arg(long)]
     pub device: Option<String>,
+    /// Only readings of this kind.
+    #[arg(long, value_parser = KINDS)]
+    pub kind: Option<String>,
+    /// Only alerts, or only routine readings.
+    #[arg(long, value_parser = ["alert", "routine"])]
+    pub priority: Option<String>,
     /// Only readings received since TIME: RFC 3339 (`2026-11-25T08:00:00Z`)
     /// or an age such as `90s`, `15m`, `2h`, `7d`.
     #[arg(long)]
     pub since: Option<String>,
-    /// At most this many readings.
+    /// Only readings received before TIME (RFC 3339 or an age).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only seqs in this range: `100-200`, or one seq (best with `--device`).
+    #[arg(long, value_name = "FROM-TO")]
+    pub seq: Option<String>,
+    /// The page after CURSOR: the cursor a full page ends with (`more:
+    /// --after CURSOR`).
+    #[arg(long, value_name = "CURSOR")]
+    pub after: Option<String>,
+    /// At most this many readings (a table shows 1000 unless told).
     #[arg(long)]
     pub limit: Option<u64>,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = RowsFormat::Table)]
+    pub format: RowsFormat,
+    #[command(flatten)]
+    pub time: TimeArgs,
 }
+
+/// The kinds a reading can have, for `--kind`.
+pub const KINDS: [&str; 7] = [
+    "heart_rate",
+    "battery_voltage",
+    "lead_impedance",
+    "pacing_percent",
+    "af_burden",
+    "episode",
+    "shock_delivered",
+];
+
+/// Rows a table shows when no `--limit` is given.
+const TABLE_PAGE: u64 = 1000;
 
 #[derive(Debug, Args)]
 pub struct RejectedArgs {
@@ -108,11 +141,11 @@ pub fn rejected(args: RejectedArgs) -> anyhow::Result<()> {
                     "{},{},{},{},{},{},{}",
                     r.id,
                     rfc3339(&r.received_at),
-                    csv_field(&safe_bytes(r.port.as_bytes())),
-                    csv_field(&r.reason),
-                    csv_field(&safe_bytes(r.detail.as_bytes())),
+                    render::csv_field(&safe_bytes(r.port.as_bytes())),
+                    render::csv_field(&r.reason),
+                    render::csv_field(&safe_bytes(r.detail.as_bytes())),
                     r.raw.len(),
-                    csv_field(&safe_bytes(&r.raw))
+                    render::csv_field(&safe_bytes(&r.raw))
                 )?;
             }
         }
@@ -138,15 +171,6 @@ pub fn rejected(args: RejectedArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-/// A CSV field, quoted when it holds a comma or a quote.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
 }
 
 /// Parses `--since`: an RFC 3339 time or an age before now.
@@ -188,107 +212,184 @@ pub(super) fn open(config: &ConfigArg) -> anyhow::Result<(Config, Store)> {
 }
 
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
-    let since = args
-        .since
-        .as_deref()
-        .map(|s| parse_since(s, Utc::now()))
-        .transpose()?;
-    let (config, store) = open(&args.config)?;
+    let now = Utc::now();
+    let time = |s: &Option<String>| s.as_deref().map(|s| parse_since(s, now)).transpose();
+    let (since, until) = (time(&args.since)?, time(&args.until)?);
+    let limit = match (args.limit, args.format) {
+        (Some(limit), _) => Some(limit),
+        (None, RowsFormat::Table) => Some(TABLE_PAGE),
+        (None, _) => None,
+    };
     let filter = ListFilter {
         state: (args.state != "all").then(|| args.state.clone()),
         device: args.device.clone(),
+        kind: args.kind.clone(),
+        priority: args.priority.clone(),
         since,
-        limit: args.limit,
+        until,
+        seq: args.seq.as_deref().map(parse_seq_range).transpose()?,
+        after: args.after.as_deref().map(parse_cursor).transpose()?,
+        limit,
     };
+    let (config, store) = open(&args.config)?;
     let rows = store.list(&filter)?;
     // Patient data: shown only once the read is in the audit trail.
     super::audit::record_read(&config, rows.len(), args.device.as_deref())?;
+    // A full page: there may be more after its last row.
+    let more = rows
+        .last()
+        .filter(|_| limit.is_some_and(|l| rows.len() as u64 == l))
+        .map(cursor);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match args.format {
-        Format::Json => {
+        RowsFormat::Json => {
             serde_json::to_writer(&mut out, &rows)?;
             writeln!(out)?;
         }
-        Format::Csv => {
-            writeln!(
-                out,
-                "id,device,seq,kind,value,unit,priority,detail,device_time,received_at,state,pkid,attempts,delivered_at,epoch,run,variant,late,restart"
-            )?;
+        RowsFormat::Ndjson => {
             for r in &rows {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                    r.id,
-                    r.device,
-                    r.seq,
-                    r.kind,
-                    r.value,
-                    r.unit,
-                    r.priority,
-                    r.detail.as_deref().unwrap_or(""),
-                    rfc3339(&r.device_time),
-                    rfc3339(&r.received_at),
-                    r.state,
-                    r.pkid.map(|p| p.to_string()).unwrap_or_default(),
-                    r.attempts,
-                    r.delivered_at.as_ref().map(rfc3339).unwrap_or_default(),
-                    r.epoch,
-                    r.run,
-                    r.variant,
-                    r.late,
-                    r.restart
-                )?;
+                serde_json::to_writer(&mut out, r)?;
+                writeln!(out)?;
             }
         }
-        Format::Table => table(&mut out, &rows)?,
+        RowsFormat::Csv => {
+            writeln!(out, "{CSV_HEADER}")?;
+            for r in &rows {
+                writeln!(out, "{}", csv_row(r))?;
+            }
+        }
+        RowsFormat::Table => {
+            table(&mut out, &rows, &args.time, render::terminal_width())?;
+            if let Some(c) = &more {
+                writeln!(out, "more: --after {c}")?;
+            }
+        }
     }
     out.flush()?;
+    if let (Some(c), false) = (&more, args.format == RowsFormat::Table) {
+        eprintln!("more: --after {c}");
+    }
     Ok(())
 }
 
-fn table(out: &mut impl Write, rows: &[ReadingRow]) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:>7}  {:<12} {:>12}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9} NOTE",
-        "ID",
-        "DEVICE",
-        "SEQ",
-        "KIND",
-        "VALUE",
-        "UNIT",
-        "PRIORITY",
-        "DEVICE TIME",
-        "RECEIVED",
-        "STATE"
-    )?;
+/// The header of `readings list --format csv` (and `readings export`).
+pub const CSV_HEADER: &str = "id,device,seq,kind,value,unit,priority,detail,device_time,received_at,state,pkid,attempts,delivered_at,epoch,run,variant,late,restart,stored_at";
+
+/// One reading as a line of [`CSV_HEADER`]'s columns; times RFC 3339 UTC.
+pub fn csv_row(r: &ReadingRow) -> String {
+    let t = |t: &Option<DateTime<Utc>>| t.as_ref().map(rfc3339).unwrap_or_default();
+    format!(
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        r.id,
+        render::csv_field(&r.device),
+        r.seq,
+        render::csv_field(&r.kind),
+        r.value,
+        render::csv_field(&r.unit),
+        r.priority,
+        render::csv_field(r.detail.as_deref().unwrap_or("")),
+        rfc3339(&r.device_time),
+        rfc3339(&r.received_at),
+        r.state,
+        r.pkid.map(|p| p.to_string()).unwrap_or_default(),
+        r.attempts,
+        t(&r.delivered_at),
+        r.epoch,
+        r.run,
+        r.variant,
+        r.late,
+        r.restart,
+        t(&r.stored_at),
+    )
+}
+
+/// The cursor after `r`: `RECEIVED_MS.ID`, the order `readings list` uses.
+fn cursor(r: &ReadingRow) -> String {
+    format!("{}.{}", r.received_at.timestamp_millis(), r.id)
+}
+
+fn parse_cursor(s: &str) -> Result<(i64, i64), UsageError> {
+    s.split_once('.')
+        .and_then(|(t, id)| Some((t.parse().ok()?, id.parse().ok()?)))
+        .ok_or_else(|| {
+            UsageError(format!(
+                "`--after {s}` is not a cursor: give the one a full page ends with (`more: --after 1764489600000.1234`)"
+            ))
+        })
+}
+
+/// `--seq 100-200` or `--seq 7`.
+pub fn parse_seq_range(s: &str) -> Result<(u32, u32), UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "`--seq {s}` is not a seq range: give `FROM-TO` (`100-200`) or one seq (`7`)"
+        ))
+    };
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (a, b): (u32, u32) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// The notes a reading carries: `late`, `restart`, `conflict`.
+pub fn notes(r: &ReadingRow) -> String {
+    let note: Vec<&str> = [
+        (r.late, "late"),
+        (r.restart, "restart"),
+        (r.variant > 0, "conflict"),
+    ]
+    .into_iter()
+    .filter_map(|(on, word)| on.then_some(word))
+    .collect();
+    note.join(",")
+}
+
+fn table(
+    out: &mut impl Write,
+    rows: &[ReadingRow],
+    time: &TimeArgs,
+    width: Option<usize>,
+) -> std::io::Result<()> {
+    // Left out first when the terminal is narrow: the higher rank.
+    let mut t = render::Table::new(&[
+        ("ID", true, 0),
+        ("DEVICE", false, 0),
+        ("SEQ", true, 0),
+        ("KIND", false, 0),
+        ("VALUE", true, 0),
+        ("PRIORITY", false, 3),
+        ("DEVICE TIME", false, 4),
+        ("RECEIVED", false, 0),
+        ("STATE", false, 0),
+        ("PKID", true, 5),
+        ("NOTE", false, 2),
+    ]);
     for r in rows {
         let kind = match &r.detail {
-            Some(d) => format!("{} {}", r.kind, d),
+            Some(d) => format!("{} {}", r.kind, safe_bytes(d.as_bytes())),
             None => r.kind.clone(),
         };
-        let note: Vec<&str> = [
-            (r.late, "late"),
-            (r.restart, "restart"),
-            (r.variant > 0, "conflict"),
-        ]
-        .into_iter()
-        .filter_map(|(on, word)| on.then_some(word))
-        .collect();
-        writeln!(
-            out,
-            "{:>7}  {:<12} {:>12}  {:<16} {:>12} {:<4}  {:<8} {:<24} {:<24} {:<9} {}",
-            r.id,
-            r.device,
+        t.row(vec![
+            r.id.to_string(),
+            safe_bytes(r.device.as_bytes()),
             crate::mqtt::payload::reading_key(r.seq, r.epoch, r.run, r.variant),
             kind,
-            r.value,
-            r.unit,
-            r.priority,
-            rfc3339(&r.device_time),
-            rfc3339(&r.received_at),
-            r.state,
-            note.join(",")
-        )?;
+            render::value(r.value, &r.unit),
+            r.priority.clone(),
+            time.show(r.device_time),
+            time.show(r.received_at),
+            r.state.clone(),
+            r.pkid.map(|p| p.to_string()).unwrap_or_default(),
+            notes(r),
+        ]);
+    }
+    for line in t.render(width) {
+        writeln!(out, "{line}")?;
     }
     writeln!(out, "{} reading(s)", rows.len())
 }

@@ -22,8 +22,8 @@ pub enum RowsFormat {
 #[derive(Debug, Clone, Copy, Default, Args)]
 pub struct TimeArgs {
     /// Show times in UTC (`2026-11-30T08:00:00Z`) instead of the local time
-    /// zone with its offset (`2026-11-30 09:00:00+01:00`). JSON and CSV
-    /// always carry RFC 3339 times.
+    /// zone with its offset (`2026-11-30 09:00:00+01:00`). JSON, NDJSON
+    /// and CSV always carry RFC 3339 times in UTC.
     #[arg(long)]
     pub utc: bool,
 }
@@ -40,14 +40,11 @@ impl TimeArgs {
         }
     }
 
-    /// `t` for JSON and CSV: RFC 3339, in UTC or with the local offset.
+    /// `t` for JSON, NDJSON and CSV: RFC 3339 in UTC, whatever `--utc`
+    /// says, so that what a script reads never depends on the machine's
+    /// time zone.
     pub fn rfc3339(&self, t: DateTime<Utc>) -> String {
-        if self.utc {
-            crate::mqtt::payload::time_format::rfc3339(&t)
-        } else {
-            t.with_timezone(&Local)
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
-        }
+        crate::mqtt::payload::time_format::rfc3339(&t)
     }
 }
 
@@ -200,9 +197,7 @@ impl Table {
             parts.join("  ").trim_end().to_owned()
         };
         let mut out = Vec::with_capacity(self.rows.len() + 1);
-        out.push(line(
-            &mut self.columns.iter().map(|c| c.title).enumerate(),
-        ));
+        out.push(line(&mut self.columns.iter().map(|c| c.title).enumerate()));
         for r in &self.rows {
             out.push(line(&mut r.iter().map(String::as_str).enumerate()));
         }
@@ -243,10 +238,7 @@ mod tests {
         let t = DateTime::parse_from_rfc3339("2026-11-30T08:00:00.250Z")
             .unwrap()
             .with_timezone(&Utc);
-        assert_eq!(
-            TimeArgs { utc: true }.show(t),
-            "2026-11-30T08:00:00.250Z"
-        );
+        assert_eq!(TimeArgs { utc: true }.show(t), "2026-11-30T08:00:00.250Z");
         let local = TimeArgs { utc: false }.show(t);
         // `+00:00` on a machine in UTC, else its own offset: always one.
         assert!(

@@ -81,12 +81,18 @@ const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
 const CONNECT_PENDING: &str = "connect_pending";
-const EXCHANGE_READINGS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
+/// A reading by id, as [`EXCHANGE_READINGS`] gives it (`hearth readings
+/// show` rebuilds a journey's payload with it).
+pub(crate) const EXCHANGE_READINGS_BY_ID: &str = "SELECT id, device, seq, kind, value, unit,
+    priority, detail, device_time, received_at, epoch, run, variant, late, restart
+    FROM readings WHERE id = ?1";
+pub(crate) const EXCHANGE_READINGS: &str =
+    "SELECT id, device, seq, kind, value, unit, priority, detail,
     device_time, received_at, epoch, run, variant, late, restart FROM readings
     WHERE exchange_id = ?1 ORDER BY id";
-const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
+pub(crate) const LIST_COLUMNS: &str = "SELECT id, device, seq, kind, value, unit, priority, detail,
     device_time, received_at, state, pkid, attempts, delivered_at, epoch, run, variant, late,
-    restart FROM readings";
+    restart, stored_at FROM readings";
 /// What is left of a pruned reading.
 const TOMBSTONE: &str = "INSERT OR IGNORE INTO pruned
     (device, epoch, seq, run, variant, hash, pruned_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
@@ -294,6 +300,10 @@ pub struct ReadingRow {
     pub variant: u32,
     pub late: bool,
     pub restart: bool,
+    /// When its row was written (the ACK followed that commit); `None` for
+    /// readings stored before schema 5.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_at: Option<DateTime<Utc>>,
 }
 
 /// One device (its newest epoch) for `hearth devices`.
@@ -323,7 +333,16 @@ pub struct ListFilter {
     /// `None` means every state.
     pub state: Option<String>,
     pub device: Option<String>,
+    pub kind: Option<String>,
+    pub priority: Option<String>,
+    /// Received at or after.
     pub since: Option<DateTime<Utc>>,
+    /// Received before.
+    pub until: Option<DateTime<Utc>>,
+    /// Seqs in this range, inclusive.
+    pub seq: Option<(u32, u32)>,
+    /// The page after this cursor: rows after (received_at ms, id).
+    pub after: Option<(i64, i64)>,
     pub limit: Option<u64>,
 }
 
@@ -378,20 +397,71 @@ const PRESSURE_PRUNE_MIN_AGE_MS: i64 = 10_000;
 const PRESSURE_PRUNE_ROWS: i64 = 2000;
 
 /// The SQL and arguments of `hearth readings list` for `filter`.
-fn list_query(filter: &ListFilter) -> (String, Vec<rusqlite::types::Value>) {
+pub(crate) fn list_query(filter: &ListFilter) -> (String, Vec<rusqlite::types::Value>) {
+    // The rows come in `readings_received` order (received_at, id), so that
+    // a page or a `--since` reads only the rows it lists. A unary `+` keeps
+    // SQLite from serving a filter with another index and then sorting all
+    // its matches (a device's 200,000 readings, say): except the few that
+    // are selective on their own, a seq range of a device (`readings_key`)
+    // and the waiting states (`readings_queue`).
     let mut sql = format!("{LIST_COLUMNS} WHERE 1 = 1");
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
     if let Some(state) = &filter.state {
         args.push(state.clone().into());
-        sql.push_str(&format!(" AND state = ?{}", args.len()));
+        let column = if state == "delivered" {
+            "+state"
+        } else {
+            "state"
+        };
+        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
     }
     if let Some(device) = &filter.device {
         args.push(device.clone().into());
-        sql.push_str(&format!(" AND device = ?{}", args.len()));
+        let column = if filter.seq.is_some() {
+            "device"
+        } else {
+            "+device"
+        };
+        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+    }
+    if let Some(kind) = &filter.kind {
+        args.push(kind.clone().into());
+        sql.push_str(&format!(" AND +kind = ?{}", args.len()));
+    }
+    if let Some(priority) = &filter.priority {
+        args.push(priority.clone().into());
+        // With a waiting state, `readings_queue` (state, priority) serves it.
+        let waiting = filter.state.as_deref().is_some_and(|s| s != "delivered");
+        let column = if waiting { "priority" } else { "+priority" };
+        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
     }
     if let Some(since) = filter.since {
         args.push(to_ms(since).into());
         sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
+    }
+    if let Some(until) = filter.until {
+        args.push(to_ms(until).into());
+        sql.push_str(&format!(" AND received_at < ?{}", args.len()));
+    }
+    if let Some((from, to)) = filter.seq {
+        args.push(i64::from(from).into());
+        args.push(i64::from(to).into());
+        sql.push_str(&format!(
+            " AND seq BETWEEN ?{} AND ?{}",
+            args.len() - 1,
+            args.len()
+        ));
+    }
+    if let Some((received, id)) = filter.after {
+        args.push(received.into());
+        args.push(id.into());
+        // Row values: the index `readings_received` (received_at, then
+        // the rowid) serves it as a range.
+        sql.push_str(&format!(
+            " AND (received_at, id) > (?{}, ?{})",
+            args.len() - 1,
+            args.len()
+        ));
     }
     // `received_at, id` is the index order of `readings_received`, so a
     // `--since` on a large table reads only the rows it lists.
@@ -402,8 +472,34 @@ fn list_query(filter: &ListFilter) -> (String, Vec<rusqlite::types::Value>) {
     (sql, args)
 }
 
+/// Maps a row of [`LIST_COLUMNS`].
+pub(crate) fn reading_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReadingRow> {
+    Ok(ReadingRow {
+        id: row.get(0)?,
+        device: row.get(1)?,
+        seq: row.get(2)?,
+        kind: row.get(3)?,
+        value: row.get(4)?,
+        unit: row.get(5)?,
+        priority: row.get(6)?,
+        detail: row.get(7)?,
+        device_time: from_ms(row.get(8)?),
+        received_at: from_ms(row.get(9)?),
+        state: row.get(10)?,
+        pkid: row.get(11)?,
+        attempts: row.get(12)?,
+        delivered_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
+        epoch: row.get(14)?,
+        run: row.get(15)?,
+        variant: row.get(16)?,
+        late: row.get(17)?,
+        restart: row.get(18)?,
+        stored_at: row.get::<_, Option<i64>>(19)?.map(from_ms),
+    })
+}
+
 /// Maps a row of [`NEXT_QUEUED`] or [`EXCHANGE_READINGS`].
-fn queued_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
+pub(crate) fn queued_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Queued> {
     let priority: String = row.get(6)?;
     Ok(Queued {
         epoch: row.get(10)?,
@@ -1259,8 +1355,11 @@ impl Store {
                          delivered_at = ?1 WHERE exchange_id = ?2",
                     )?
                     .execute(params![to_ms(now), exchange])?;
-                tx.prepare_cached(END_JOURNEY)?
-                    .execute(params![exchange, to_ms(now), "delivered"])?;
+                tx.prepare_cached(END_JOURNEY)?.execute(params![
+                    exchange,
+                    to_ms(now),
+                    "delivered"
+                ])?;
                 tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                     .execute(params![exchange])?;
             }
@@ -1311,8 +1410,11 @@ impl Store {
                      delivered_at = ?1 WHERE exchange_id = ?2",
                 )?
                 .execute(params![to_ms(now), exchange])?;
-            tx.prepare_cached(END_JOURNEY)?
-                .execute(params![exchange, to_ms(now), "acknowledged"])?;
+            tx.prepare_cached(END_JOURNEY)?.execute(params![
+                exchange,
+                to_ms(now),
+                "acknowledged"
+            ])?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
             tx.prepare_cached(
@@ -1776,29 +1878,7 @@ impl Store {
         let (sql, args) = list_query(filter);
         let run = || -> rusqlite::Result<Vec<ReadingRow>> {
             let mut stmt = self.conn.prepare(&sql)?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |row| {
-                Ok(ReadingRow {
-                    id: row.get(0)?,
-                    device: row.get(1)?,
-                    seq: row.get(2)?,
-                    kind: row.get(3)?,
-                    value: row.get(4)?,
-                    unit: row.get(5)?,
-                    priority: row.get(6)?,
-                    detail: row.get(7)?,
-                    device_time: from_ms(row.get(8)?),
-                    received_at: from_ms(row.get(9)?),
-                    state: row.get(10)?,
-                    pkid: row.get(11)?,
-                    attempts: row.get(12)?,
-                    delivered_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
-                    epoch: row.get(14)?,
-                    run: row.get(15)?,
-                    variant: row.get(16)?,
-                    late: row.get(17)?,
-                    restart: row.get(18)?,
-                })
-            })?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), reading_row)?;
             rows.collect()
         };
         run().map_err(|e| self.err(e))

@@ -68,13 +68,21 @@ pub fn reading(spec: &FillSpec, d: usize, seq: u32) -> Reading {
     let alert = spec.alert_every > 0 && seq % spec.alert_every == spec.alert_every - 1;
     let (kind, value, detail) = if alert {
         if seq % 2 == 0 {
-            (Kind::Episode, 12.0 + (seq % 40) as f64, Some("VT".to_owned()))
+            (
+                Kind::Episode,
+                12.0 + (seq % 40) as f64,
+                Some("VT".to_owned()),
+            )
         } else {
             (Kind::ShockDelivered, 35.0, None)
         }
     } else {
         match seq % 5 {
-            0 | 1 => (Kind::HeartRate, 60.0 + ((seq * 7 + d as u32) % 40) as f64, None),
+            0 | 1 => (
+                Kind::HeartRate,
+                60.0 + ((seq * 7 + d as u32) % 40) as f64,
+                None,
+            ),
             2 => (Kind::BatteryVoltage, 2.95 - (seq as f64) * 1e-6, None),
             3 => (Kind::LeadImpedance, 500.0 + (seq % 50) as f64, None),
             _ => (Kind::PacingPercent, (seq % 100) as f64, None),

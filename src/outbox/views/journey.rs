@@ -63,3 +63,134 @@ mod tests {
         assert_eq!(parse_id_ranges("x"), None);
     }
 }
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use crate::outbox::store::{
+    EXCHANGE_READINGS_BY_ID, LIST_COLUMNS, from_ms, queued_row, reading_row,
+};
+use crate::outbox::{Queued, ReadingRow, Store, StoreError};
+
+/// One MQTT exchange a reading went out in.
+#[derive(Debug, Clone, Serialize)]
+pub struct Journey {
+    pub id: i64,
+    pub pkid: u16,
+    pub topic: String,
+    pub qos: u8,
+    pub encoding: String,
+    /// The reading ids of its payload, in payload order.
+    pub readings: Vec<i64>,
+    /// Committed before its first PUBLISH was written.
+    pub began_at: DateTime<Utc>,
+    /// Each PUBLISH or re-sent PUBREL written.
+    pub sends: Vec<Send>,
+    pub pubrec_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `delivered`, `acknowledged`, `refused`, `requeued`; `None` while open.
+    pub outcome: Option<String>,
+}
+
+/// One packet of a journey written to the broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct Send {
+    /// The connection: the store's session counter, as `hearth status`
+    /// shows it (`session`).
+    pub connection: u64,
+    /// `PUBLISH` or `PUBREL`.
+    pub packet: &'static str,
+    pub at: DateTime<Utc>,
+}
+
+/// `12P@1764489600000,13R@...` as [`Send`]s; what does not parse is left out.
+fn parse_sends(text: &str) -> Vec<Send> {
+    text.split(',')
+        .filter_map(|part| {
+            let (head, at) = part.split_once('@')?;
+            let (connection, packet) = head.split_at(head.len().checked_sub(1)?);
+            Some(Send {
+                connection: connection.parse().ok()?,
+                packet: match packet {
+                    "P" => "PUBLISH",
+                    "R" => "PUBREL",
+                    _ => return None,
+                },
+                at: from_ms(at.parse().ok()?),
+            })
+        })
+        .collect()
+}
+
+const JOURNEY: &str = "SELECT id, pkid, topic, qos, encoding, readings, began_at, sends,
+    pubrec_at, ended_at, outcome FROM journeys WHERE id = ?1";
+
+impl Store {
+    /// The reading `id` and the ids of its journeys, oldest first.
+    pub fn reading(&self, id: i64) -> Result<Option<(ReadingRow, Vec<i64>)>, StoreError> {
+        let run = || -> rusqlite::Result<Option<(ReadingRow, Vec<i64>)>> {
+            let row = self
+                .conn()
+                .prepare_cached(&format!("{LIST_COLUMNS} WHERE id = ?1"))?
+                .query_row(params![id], reading_row)
+                .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let journeys: Option<String> = self
+                .conn()
+                .prepare_cached("SELECT journeys FROM readings WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))?;
+            let ids = journeys
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|j| j.parse().ok())
+                .collect();
+            Ok(Some((row, ids)))
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// The journey `id`; `None` once pruned.
+    pub fn journey(&self, id: i64) -> Result<Option<Journey>, StoreError> {
+        let run = || -> rusqlite::Result<Option<Journey>> {
+            self.conn()
+                .prepare_cached(JOURNEY)?
+                .query_row(params![id], |r| {
+                    let readings: String = r.get(5)?;
+                    let sends: String = r.get(7)?;
+                    Ok(Journey {
+                        id: r.get(0)?,
+                        pkid: r.get(1)?,
+                        topic: r.get(2)?,
+                        qos: r.get(3)?,
+                        encoding: r.get(4)?,
+                        readings: parse_id_ranges(&readings).unwrap_or_default(),
+                        began_at: from_ms(r.get(6)?),
+                        sends: parse_sends(&sends),
+                        pubrec_at: r.get::<_, Option<i64>>(8)?.map(from_ms),
+                        ended_at: r.get::<_, Option<i64>>(9)?.map(from_ms),
+                        outcome: r.get(10)?,
+                    })
+                })
+                .optional()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    /// The readings `ids` as the publisher encodes them, in that order;
+    /// `Err(id)` names the first one no longer in the store.
+    pub fn readings_by_id(&self, ids: &[i64]) -> Result<Result<Vec<Queued>, i64>, StoreError> {
+        let run = || -> rusqlite::Result<Result<Vec<Queued>, i64>> {
+            let mut stmt = self.conn().prepare_cached(EXCHANGE_READINGS_BY_ID)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                match stmt.query_row(params![id], queued_row).optional()? {
+                    Some(q) => out.push(q),
+                    None => return Ok(Err(*id)),
+                }
+            }
+            Ok(Ok(out))
+        };
+        run().map_err(|e| self.err(e))
+    }
+}

@@ -276,20 +276,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run_gateway(&args),
         Command::Simulate(args) => simulate(args),
-        Command::Readings {
-            command: ReadingsCommand::List(args),
-        } => readings::list(args),
-        Command::Readings {
-            command: ReadingsCommand::Rejected(args),
-        } => readings::rejected(args),
         Command::Readings { command } => match command {
+            ReadingsCommand::List(args) => readings::list(args),
+            ReadingsCommand::Rejected(args) => readings::rejected(args),
             ReadingsCommand::Show(args) => show::run(args),
             ReadingsCommand::Tail(args) => tail::run(args),
             ReadingsCommand::Export(args) => export::run(args),
             ReadingsCommand::Gaps(args) => gaps::run(args),
             ReadingsCommand::Stats(args) => stats::run(args),
             ReadingsCommand::Chart(args) => chart::run(args),
-            ReadingsCommand::List(_) | ReadingsCommand::Rejected(_) => unreachable!(),
         },
         Command::Status { config, format } => readings::status(&config, format),
         Command::Audit(args) => audit::run(args),

@@ -47,23 +47,6 @@ pub fn parse_id_ranges(text: &str) -> Option<Vec<i64>> {
     Some(ids)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn id_ranges_round_trip() {
-        assert_eq!(id_ranges(&[15, 7, 8, 9, 10, 11, 12]), "7-12,15");
-        assert_eq!(id_ranges(&[]), "");
-        assert_eq!(id_ranges(&[3]), "3");
-        assert_eq!(
-            parse_id_ranges("7-12,15").unwrap(),
-            vec![7, 8, 9, 10, 11, 12, 15]
-        );
-        assert_eq!(parse_id_ranges("x"), None);
-    }
-}
-
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -192,5 +175,100 @@ impl Store {
             Ok(Ok(out))
         };
         run().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::store::tests::reading;
+    use crate::outbox::{Connack, Encryption};
+    use crate::reading::Priority;
+
+    #[test]
+    fn a_journey_records_each_exchange_its_sends_and_how_it_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db"), &Encryption::Off).unwrap();
+        let now = Utc::now();
+        store
+            .commit_serial("p", &[reading(1, Priority::Routine)], &[], now)
+            .unwrap();
+        let id = store.next_queued(Priority::Routine, 1).unwrap()[0].id;
+        let (first, _) = store.begin_connect().unwrap();
+        store.settle_connack(Connack::Reset, false).unwrap();
+        store.begin_exchange(7, "t/readings", &[id], now).unwrap();
+        // Sent again on the same connection, then the broker lost the session.
+        store.exchange_resent(7).unwrap();
+        let (second, _) = store.begin_connect().unwrap();
+        store.settle_connack(Connack::Absent, false).unwrap();
+        store.begin_exchange(8, "t/readings", &[id], now).unwrap();
+        store.exchanges_released(&[8]).unwrap();
+        store.complete_exchanges(&[8], Utc::now()).unwrap();
+
+        let (row, journeys) = store.reading(id).unwrap().unwrap();
+        assert_eq!(row.state, "delivered");
+        assert_eq!(row.attempts, 2);
+        assert!(row.stored_at.is_some());
+        assert_eq!(journeys.len(), 2);
+        let lost = store.journey(journeys[0]).unwrap().unwrap();
+        assert_eq!((lost.pkid, lost.outcome.as_deref()), (7, Some("requeued")));
+        assert_eq!(lost.readings, vec![id]);
+        let sends: Vec<(u64, &str)> = lost
+            .sends
+            .iter()
+            .map(|s| (s.connection, s.packet))
+            .collect();
+        assert_eq!(sends, vec![(first, "PUBLISH"), (first, "PUBLISH")]);
+        assert!(lost.pubrec_at.is_none());
+        let done = store.journey(journeys[1]).unwrap().unwrap();
+        assert_eq!((done.pkid, done.outcome.as_deref()), (8, Some("delivered")));
+        assert_eq!(done.sends[0].connection, second);
+        assert!(done.pubrec_at.is_some());
+        assert_eq!(done.ended_at, row.delivered_at);
+        // Its payload's readings, in order.
+        assert_eq!(
+            store.readings_by_id(&done.readings).unwrap().unwrap()[0].id,
+            id
+        );
+
+        // Pruned with its reading.
+        store
+            .prune_delivered(Utc::now() + chrono::Duration::hours(1))
+            .unwrap();
+        assert!(store.reading(id).unwrap().is_none());
+        assert!(store.journey(journeys[0]).unwrap().is_none());
+        assert!(store.journey(journeys[1]).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_refused_exchange_ends_its_journey_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db"), &Encryption::Off).unwrap();
+        let now = Utc::now();
+        store
+            .commit_serial("p", &[reading(1, Priority::Alert)], &[], now)
+            .unwrap();
+        let id = store.next_queued(Priority::Alert, 1).unwrap()[0].id;
+        store.begin_connect().unwrap();
+        store.settle_connack(Connack::Reset, false).unwrap();
+        store.begin_exchange(3, "t/alerts", &[id], now).unwrap();
+        store.exchange_refused(3).unwrap();
+        let (row, journeys) = store.reading(id).unwrap().unwrap();
+        assert_eq!(row.state, "queued");
+        let j = store.journey(journeys[0]).unwrap().unwrap();
+        assert_eq!(j.outcome.as_deref(), Some("refused"));
+        assert!(j.ended_at.is_some());
+    }
+
+    #[test]
+    fn id_ranges_round_trip() {
+        assert_eq!(id_ranges(&[15, 7, 8, 9, 10, 11, 12]), "7-12,15");
+        assert_eq!(id_ranges(&[]), "");
+        assert_eq!(id_ranges(&[3]), "3");
+        assert_eq!(
+            parse_id_ranges("7-12,15").unwrap(),
+            vec![7, 8, 9, 10, 11, 12, 15]
+        );
+        assert_eq!(parse_id_ranges("x"), None);
     }
 }

@@ -367,3 +367,36 @@ fn show_tells_a_delivered_readings_journey_and_its_exact_payload() {
     assert!(!devices.is_empty());
     let _ = device_name(0);
 }
+
+/// Prints the README's examples from a real gateway's store:
+/// `cargo test --test tests cli_views::readme_examples -- --ignored --nocapture`.
+#[test]
+#[ignore = "prints the README's examples"]
+fn readme_examples() {
+    let rig = Rig::new("gw-0001");
+    let gw = GatewayOpts::new("gw-0001");
+    let sim = Sim::start(&[
+        "--count", "12", "--interval-ms", "0", "--seed", "5", "--alert-rate", "0.2",
+    ]);
+    let config = rig.config(&gw, &sim.pty);
+    let _hearth = Hearth::start(&config);
+    sim.finish(Duration::from_secs(60));
+    wait_for(Duration::from_secs(30), "every reading delivered", || {
+        (readings(&config, &["--state", "delivered"]).len() == 12).then_some(())
+    });
+    let c = config.to_str().unwrap();
+    let shown = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::hearth_bin())
+            .args(args)
+            .args(["--config", c])
+            .env("COLUMNS", "110")
+            .output()
+            .unwrap();
+        println!("$ hearth {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+    };
+    shown(&["readings", "list", "--limit", "5"]);
+    shown(&["readings", "list", "--priority", "alert", "--format", "ndjson", "--limit", "1"]);
+    let rows = readings(&config, &["--priority", "alert"]);
+    let id = rows[0]["id"].as_i64().unwrap().to_string();
+    shown(&["readings", "show", &id]);
+}

@@ -1042,64 +1042,72 @@ impl Store {
                 path: self.path.clone(),
                 source,
             })?;
-            tx.execute_batch(sql)
-                .and_then(|()| tx.pragma_update(None, "user_version", (i + 1) as i64))
-                .and_then(|()| tx.commit())
+            // Schema 2 brought content hashes: the readings stored before
+            // get theirs in the same transaction, so that no later open
+            // needs to look for one without (a scan of every reading).
+            let backfill = |tx: &Connection| match *name {
+                "02-device-runs" => backfill_hashes(tx),
+                _ => Ok(0),
+            };
+            let filled = tx
+                .execute_batch(sql)
+                .and_then(|()| backfill(&tx))
+                .and_then(|n| {
+                    tx.pragma_update(None, "user_version", (i + 1) as i64)
+                        .map(|()| n)
+                })
+                .and_then(|n| tx.commit().map(|()| n))
                 .map_err(|source| StoreError::Sql {
                     path: self.path.clone(),
                     source,
                 })?;
             tracing::info!(migration = name, "Database migrated.");
-        }
-        self.backfill_hashes()
-    }
-
-    /// Readings stored before schema 2 have no content hash: compute it from
-    /// their columns, so that their resends are still recognised.
-    fn backfill_hashes(&mut self) -> Result<(), StoreError> {
-        let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
-            let tx = conn.transaction()?;
-            let rows: Vec<(i64, Reading)> = tx
-                .prepare(
-                    "SELECT id, device, seq, kind, value, priority, detail, device_time
-                     FROM readings WHERE hash IS NULL",
-                )?
-                .query_map([], |row| {
-                    let kind: String = row.get(3)?;
-                    let priority: String = row.get(5)?;
-                    Ok((
-                        row.get(0)?,
-                        Reading {
-                            device_id: row.get(1)?,
-                            epoch: None,
-                            seq: row.get(2)?,
-                            kind: Kind::parse(&kind).unwrap_or(Kind::HeartRate),
-                            value: row.get(4)?,
-                            priority: Priority::parse(&priority).unwrap_or(Priority::Routine),
-                            detail: row.get(6)?,
-                            device_time: from_ms(row.get(7)?),
-                        },
-                    ))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut set = tx.prepare("UPDATE readings SET hash = ?1 WHERE id = ?2")?;
-            for (id, r) in &rows {
-                set.execute(params![r.content_hash(), id])?;
+            if filled > 0 {
+                tracing::info!(
+                    readings = filled,
+                    "Content hashes computed for readings stored before schema 2."
+                );
             }
-            drop(set);
-            tx.commit()?;
-            Ok(rows.len())
-        };
-        let n = run(&mut self.conn).map_err(|e| self.err(e))?;
-        if n > 0 {
-            tracing::info!(
-                readings = n,
-                "Content hashes computed for readings stored before schema 2."
-            );
         }
         Ok(())
     }
+}
 
+/// Readings stored before schema 2 have no content hash: computes it from
+/// their columns, so that their resends are still recognised. Returns how
+/// many got one.
+fn backfill_hashes(tx: &Connection) -> rusqlite::Result<usize> {
+    let rows: Vec<(i64, Reading)> = tx
+        .prepare(
+            "SELECT id, device, seq, kind, value, priority, detail, device_time
+                     FROM readings WHERE hash IS NULL",
+        )?
+        .query_map([], |row| {
+            let kind: String = row.get(3)?;
+            let priority: String = row.get(5)?;
+            Ok((
+                row.get(0)?,
+                Reading {
+                    device_id: row.get(1)?,
+                    epoch: None,
+                    seq: row.get(2)?,
+                    kind: Kind::parse(&kind).unwrap_or(Kind::HeartRate),
+                    value: row.get(4)?,
+                    priority: Priority::parse(&priority).unwrap_or(Priority::Routine),
+                    detail: row.get(6)?,
+                    device_time: from_ms(row.get(7)?),
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut set = tx.prepare("UPDATE readings SET hash = ?1 WHERE id = ?2")?;
+    for (id, r) in &rows {
+        set.execute(params![r.content_hash(), id])?;
+    }
+    Ok(rows.len())
+}
+
+impl Store {
     /// Commits a batch read from the serial port in one transaction: the
     /// readings (by the rules of [`super::ingest`]) and the rejected frames.
     /// Returns one outcome per reading, in input order. Resends are answered
@@ -2180,40 +2188,6 @@ pub(crate) mod tests {
         let mut store = open_at(&path);
         store.settle_connack(Connack::Present, true).unwrap();
         assert_eq!(store.begin_connect().unwrap(), (3, false));
-    }
-
-    #[test]
-    fn list_filters_use_an_index() {
-        let (_dir, store) = open();
-        let plan = |filter: ListFilter| -> String {
-            let (sql, args) = list_query(&filter);
-            store
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
-                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                    r.get::<_, String>(3)
-                })
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap()
-                .join("; ")
-        };
-        let device = plan(ListFilter {
-            device: Some("PM-1".into()),
-            ..Default::default()
-        });
-        assert!(device.contains("readings_key"), "{device}");
-        let state = plan(ListFilter {
-            state: Some("queued".into()),
-            ..Default::default()
-        });
-        assert!(state.contains("readings_queue"), "{state}");
-        let since = plan(ListFilter {
-            since: Some(Utc::now()),
-            ..Default::default()
-        });
-        assert!(since.contains("readings_received"), "{since}");
     }
 
     #[test]

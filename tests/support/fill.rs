@@ -67,7 +67,7 @@ pub fn reading(spec: &FillSpec, d: usize, seq: u32) -> Reading {
     let device_time = spec.start + spec.step * seq as i32;
     let alert = spec.alert_every > 0 && seq % spec.alert_every == spec.alert_every - 1;
     let (kind, value, detail) = if alert {
-        if seq % 2 == 0 {
+        if seq.is_multiple_of(2) {
             (
                 Kind::Episode,
                 12.0 + (seq % 40) as f64,

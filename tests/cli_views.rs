@@ -336,7 +336,8 @@ fn show_tells_a_delivered_readings_journey_and_its_exact_payload() {
     assert!(t(&j["ended_at"]) >= t(&j["pubrec_at"]));
     assert_eq!(t(&j["ended_at"]), t(&reading["delivered_at"]));
 
-    // The payload as the subscriber got it.
+    // The payload as the subscriber got it, and as the journey recorded it.
+    assert_eq!(view["payload"]["verified"], true, "{view:#}");
     let payload: Value = serde_json::from_str(view["payload"]["text"].as_str().unwrap()).unwrap();
     let reading_id = format!("gw-show/{}/{}", r["device"].as_str().unwrap(), r["seq"]);
     assert!(
@@ -376,7 +377,14 @@ fn readme_examples() {
     let rig = Rig::new("gw-0001");
     let gw = GatewayOpts::new("gw-0001");
     let sim = Sim::start(&[
-        "--count", "12", "--interval-ms", "0", "--seed", "5", "--alert-rate", "0.2",
+        "--count",
+        "12",
+        "--interval-ms",
+        "0",
+        "--seed",
+        "5",
+        "--alert-rate",
+        "0.2",
     ]);
     let config = rig.config(&gw, &sim.pty);
     let _hearth = Hearth::start(&config);
@@ -392,10 +400,23 @@ fn readme_examples() {
             .env("COLUMNS", "110")
             .output()
             .unwrap();
-        println!("$ hearth {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+        println!(
+            "$ hearth {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
     };
     shown(&["readings", "list", "--limit", "5"]);
-    shown(&["readings", "list", "--priority", "alert", "--format", "ndjson", "--limit", "1"]);
+    shown(&[
+        "readings",
+        "list",
+        "--priority",
+        "alert",
+        "--format",
+        "ndjson",
+        "--limit",
+        "1",
+    ]);
     let rows = readings(&config, &["--priority", "alert"]);
     let id = rows[0]["id"].as_i64().unwrap().to_string();
     shown(&["readings", "show", &id]);

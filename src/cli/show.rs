@@ -34,6 +34,9 @@ struct Payload {
     journey: i64,
     bytes: Vec<u8>,
     encoding: Encoding,
+    /// Whether its size and digest match what the journey recorded of the
+    /// payload sent; `None` when it recorded none.
+    verified: Option<bool>,
 }
 
 pub fn run(args: ShowArgs) -> anyhow::Result<()> {
@@ -67,14 +70,17 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
                     "cbor" => Encoding::Cbor,
                     _ => Encoding::Json,
                 };
+                let bytes =
+                    crate::mqtt::publisher::encode_batch(encoding, &config.gateway_id, &batch);
+                let verified = j.digest.as_ref().map(|d| {
+                    j.bytes == Some(bytes.len() as u64)
+                        && *d == crate::outbox::store::digest(&bytes)
+                });
                 payload = Some(Payload {
                     journey: j.id,
-                    bytes: crate::mqtt::publisher::encode_batch(
-                        encoding,
-                        &config.gateway_id,
-                        &batch,
-                    ),
+                    bytes,
                     encoding,
+                    verified,
                 });
             }
             Err(gone) => payload_gone = Some(gone),
@@ -94,6 +100,7 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
                 "journey": p.journey,
                 "encoding": match p.encoding { Encoding::Json => "json", Encoding::Cbor => "cbor" },
                 "bytes": p.bytes.len(),
+                "verified": p.verified,
                 "text": (p.encoding == Encoding::Json).then(|| String::from_utf8_lossy(&p.bytes).into_owned()),
                 "hex": (p.encoding == Encoding::Cbor).then(|| hex(&p.bytes)),
             })),
@@ -186,7 +193,17 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
         format!("{state}  (put in flight {} time(s))", r.attempts),
     )?;
     if journeys.is_empty() {
-        writeln!(out, "\njourney       not published yet (queued)")?;
+        let why = if r.state == "queued" && r.attempts == 0 {
+            "not published yet (queued)".to_owned()
+        } else {
+            format!(
+                "none recorded (sent before schema 5, or while the store was near its size cap); last packet id {}",
+                r.pkid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "none".into())
+            )
+        };
+        writeln!(out, "\njourney       {why}")?;
     }
     for (n, (id, j)) in journeys.iter().enumerate() {
         writeln!(out)?;
@@ -207,7 +224,7 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
         )?;
         writeln!(
             out,
-            "  {:<12}{}  (recorded before the PUBLISH)",
+            "  {:<12}{}  (committed; each send below is recorded just before it is written)",
             "begun",
             t.show(j.began_at)
         )?;
@@ -256,9 +273,16 @@ pub fn run(args: ShowArgs) -> anyhow::Result<()> {
     writeln!(out)?;
     match (&payload, payload_gone) {
         (Some(p), _) => {
+            let check = match p.verified {
+                Some(true) => "rebuilt from its readings; size and SHA-256 match what was sent",
+                Some(false) => {
+                    "rebuilt from its readings, but NOT what was sent (size or SHA-256 differ: was `gateway_id` changed, or is this another gateway's config?)"
+                }
+                None => "rebuilt from its readings; no digest was recorded to check it against",
+            };
             writeln!(
                 out,
-                "payload       exchange #{}, {} bytes, {} (rebuilt byte for byte from its readings)",
+                "payload       exchange #{}, {} bytes, {} ({check})",
                 p.journey,
                 p.bytes.len(),
                 match p.encoding {

@@ -460,7 +460,7 @@ impl Plan {
             let size = publish_size(&topic, body.len());
             let limited = batch.len() < fetched || self.in_flight + size > self.budget / 2;
             let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
-            match s.begin_exchange(pkid, &topic, &ids, Utc::now()) {
+            match s.begin_exchange_with(pkid, &topic, &ids, Utc::now(), Some(&body)) {
                 Ok(()) => {}
                 Err(e @ StoreError::Full { .. }) => {
                     // SQLite may have rolled the whole transaction back:

@@ -71,12 +71,47 @@ const NEXT_QUEUED: &str = "SELECT id, device, seq, kind, value, unit, priority, 
 /// A journey ([`Store::begin_exchange`]); `sends` starts with the first
 /// PUBLISH.
 const INSERT_JOURNEY: &str = "INSERT INTO journeys
-    (id, pkid, topic, qos, encoding, readings, began_at, sends)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+    (id, pkid, topic, qos, encoding, readings, began_at, sends, bytes, digest)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+/// Puts a queued reading in flight ([`Store::begin_exchange_with`]).
+const MARK_INFLIGHT: &str = "UPDATE readings SET state = 'inflight', exchange_id = ?1,
+    pkid = ?2, attempts = attempts + 1, inflight_at = ?3 WHERE id = ?4 AND state = 'queued'";
+/// [`MARK_INFLIGHT`], adding the exchange to the reading's journeys; past
+/// about 200 characters (a reading the broker kept refusing) the oldest
+/// go, so that the row stays small.
+const MARK_INFLIGHT_JOURNEY: &str = "UPDATE readings SET state = 'inflight', exchange_id = ?1,
+    pkid = ?2, attempts = attempts + 1, inflight_at = ?3,
+    journeys = CASE
+        WHEN journeys IS NULL THEN ?1
+        WHEN length(journeys) > 200 THEN substr(journeys, instr(journeys, ',') + 1) || ',' || ?1
+        ELSE journeys || ',' || ?1 END
+    WHERE id = ?4 AND state = 'queued'";
+
+/// The digest a journey keeps of its payload: the first 8 bytes of its
+/// SHA-256, in hex.
+pub(crate) fn digest(payload: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, payload);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
 /// How a journey ended, once: a journey whose readings were queued again
 /// keeps that outcome when its exchange is released later.
 const END_JOURNEY: &str = "UPDATE journeys SET ended_at = ?2, outcome = ?3
     WHERE id = ?1 AND outcome IS NULL";
+/// Ends the journey of `exchange` ([`END_JOURNEY`]) when `journey` says
+/// journeys are written now ([`Store::journeys_fit`]).
+fn end_journey(
+    tx: &Connection,
+    journey: bool,
+    exchange: i64,
+    at: i64,
+    outcome: &str,
+) -> rusqlite::Result<()> {
+    if journey {
+        tx.prepare_cached(END_JOURNEY)?
+            .execute(params![exchange, at, outcome])?;
+    }
+    Ok(())
+}
 const UPSERT_STATE: &str = "INSERT INTO gateway_state (key, value) VALUES (?1, ?2)
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 /// Present while a CONNECT was written whose CONNACK is not yet settled.
@@ -1046,7 +1081,9 @@ impl Store {
             // get theirs in the same transaction, so that no later open
             // needs to look for one without (a scan of every reading).
             let backfill = |tx: &Connection| match *name {
-                "02-device-runs" => backfill_hashes(tx),
+                // 05 again: a store whose separate backfill (before 05)
+                // never committed.
+                "02-device-runs" | "05-journeys" => backfill_hashes(tx),
                 _ => Ok(0),
             };
             let filled = tx
@@ -1236,8 +1273,9 @@ impl Store {
     }
 
     /// Records a new exchange and puts its readings in flight, in one
-    /// transaction, with its journey (`journeys`, and the reading's list of
-    /// journeys). Must return before the PUBLISH is written.
+    /// transaction, with its journey ([`Store::begin_exchange_with`]
+    /// without the payload's digest). Must return before the PUBLISH is
+    /// written.
     pub fn begin_exchange(
         &mut self,
         pkid: u16,
@@ -1245,7 +1283,24 @@ impl Store {
         reading_ids: &[i64],
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        self.begin_exchange_with(pkid, topic, reading_ids, now, None)
+    }
+
+    /// Records a new exchange and puts its readings in flight, in one
+    /// transaction; with room for it, also its journey (`journeys`, the
+    /// readings' lists of journeys, and `payload`'s size and digest). Must
+    /// return before the PUBLISH is written.
+    pub fn begin_exchange_with(
+        &mut self,
+        pkid: u16,
+        topic: &str,
+        reading_ids: &[i64],
+        now: DateTime<Utc>,
+        payload: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         let (session, qos, encoding) = (self.session, self.qos, self.encoding);
+        let journey = self.journeys_fit();
+        let digest = payload.map(|p| (p.len() as i64, digest(p)));
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             // A savepoint: its own transaction, or a part of the caller's
             // ([`Store::in_transaction`]).
@@ -1256,12 +1311,11 @@ impl Store {
             )?
             .execute(params![pkid, topic, to_ms(now)])?;
             let exchange = tx.last_insert_rowid();
-            let mut mark = tx.prepare_cached(
-                "UPDATE readings SET state = 'inflight', exchange_id = ?1, pkid = ?2,
-                 attempts = attempts + 1, inflight_at = ?3,
-                 journeys = coalesce(journeys || ',', '') || ?1
-                 WHERE id = ?4 AND state = 'queued'",
-            )?;
+            let mut mark = tx.prepare_cached(if journey {
+                MARK_INFLIGHT_JOURNEY
+            } else {
+                MARK_INFLIGHT
+            })?;
             let mut marked = Vec::with_capacity(reading_ids.len());
             for id in reading_ids {
                 if mark.execute(params![exchange, pkid, to_ms(now), id])? == 1 {
@@ -1269,19 +1323,34 @@ impl Store {
                 }
             }
             drop(mark);
-            tx.prepare_cached(INSERT_JOURNEY)?.execute(params![
-                exchange,
-                pkid,
-                topic,
-                qos,
-                encoding,
-                super::views::journey::id_ranges(&marked),
-                to_ms(now),
-                format!("{session}P@{}", to_ms(now)),
-            ])?;
+            if journey {
+                tx.prepare_cached(INSERT_JOURNEY)?.execute(params![
+                    exchange,
+                    pkid,
+                    topic,
+                    qos,
+                    encoding,
+                    super::views::journey::id_ranges(&marked),
+                    to_ms(now),
+                    format!("{session}P@{}", to_ms(now)),
+                    digest.as_ref().map(|d| d.0),
+                    digest.as_ref().map(|d| d.1.clone()),
+                ])?;
+            }
             tx.commit()
         };
         run(&mut self.conn).map_err(|e| self.err(e))
+    }
+
+    /// Whether journeys are written now: not past the intake limit, where
+    /// the room kept for draining is for the exchanges themselves (a
+    /// journey's row grows at PUBREC, at a resend and at its end, and a
+    /// write that does not fit would fail the exchange's own).
+    fn journeys_fit(&self) -> bool {
+        match self.intake_limit {
+            None => true,
+            Some(limit) => self.used_pages().is_ok_and(|used| used < limit),
+        }
     }
 
     /// Records that PUBREC arrived: from now on the exchange is resumed with
@@ -1294,12 +1363,13 @@ impl Store {
     /// [`Store::exchange_released`] for several PUBRECs in one transaction
     /// (one fsync): whether each exchange was found.
     pub fn exchanges_released(&mut self, pkids: &[u16]) -> Result<Vec<bool>, StoreError> {
+        let journey = self.journeys_fit();
         let run = |conn: &mut Connection| -> rusqlite::Result<Vec<bool>> {
             let tx = conn.transaction()?;
             let found = {
                 let mut update =
                     tx.prepare_cached("UPDATE exchanges SET stage = 'release' WHERE pkid = ?1")?;
-                let mut journey = tx.prepare_cached(
+                let mut pubrec = tx.prepare_cached(
                     "UPDATE journeys SET pubrec_at = ?2
                      WHERE id = (SELECT id FROM exchanges WHERE pkid = ?1) AND pubrec_at IS NULL",
                 )?;
@@ -1308,8 +1378,8 @@ impl Store {
                     .iter()
                     .map(|p| {
                         let found = update.execute(params![p])? == 1;
-                        if found {
-                            journey.execute(params![p, now])?;
+                        if found && journey {
+                            pubrec.execute(params![p, now])?;
                         }
                         Ok(found)
                     })
@@ -1344,6 +1414,7 @@ impl Store {
         pkids: &[u16],
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
+        let journey = self.journeys_fit();
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
             let mut total = 0;
@@ -1363,11 +1434,7 @@ impl Store {
                          delivered_at = ?1 WHERE exchange_id = ?2",
                     )?
                     .execute(params![to_ms(now), exchange])?;
-                tx.prepare_cached(END_JOURNEY)?.execute(params![
-                    exchange,
-                    to_ms(now),
-                    "delivered"
-                ])?;
+                end_journey(&tx, journey, exchange, to_ms(now), "delivered")?;
                 tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                     .execute(params![exchange])?;
             }
@@ -1403,6 +1470,7 @@ impl Store {
         pkid: u16,
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
+        let journey = self.journeys_fit();
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
             let exchange: Option<i64> = tx
@@ -1418,11 +1486,7 @@ impl Store {
                      delivered_at = ?1 WHERE exchange_id = ?2",
                 )?
                 .execute(params![to_ms(now), exchange])?;
-            tx.prepare_cached(END_JOURNEY)?.execute(params![
-                exchange,
-                to_ms(now),
-                "acknowledged"
-            ])?;
+            end_journey(&tx, journey, exchange, to_ms(now), "acknowledged")?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
             tx.prepare_cached(
@@ -1461,6 +1525,7 @@ impl Store {
         stage: &str,
         counted: bool,
     ) -> Result<usize, StoreError> {
+        let journey = self.journeys_fit();
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.transaction()?;
             let exchange: Option<i64> = tx
@@ -1480,11 +1545,7 @@ impl Store {
             } else {
                 "requeued"
             };
-            tx.prepare_cached(END_JOURNEY)?.execute(params![
-                exchange,
-                to_ms(Utc::now()),
-                outcome
-            ])?;
+            end_journey(&tx, journey, exchange, to_ms(Utc::now()), outcome)?;
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
             if counted {
@@ -1517,25 +1578,29 @@ impl Store {
     }
 
     /// Counts a re-sent PUBLISH or PUBREL of an open exchange.
-    /// Counts a re-sent PUBLISH or PUBREL of an open exchange, and adds
-    /// the send (connection, packet, time) to its journey.
+    /// Counts a re-sent PUBLISH or PUBREL of an open exchange and, with
+    /// room for it, adds the send (connection, packet, time) to its journey
+    /// (the first 40 or so), in one transaction.
     pub fn exchange_resent(&mut self, pkid: u16) -> Result<(), StoreError> {
+        let journey = self.journeys_fit();
         let send = |packet: &str| format!(",{}{packet}@{}", self.session, to_ms(Utc::now()));
         let (publish, release) = (send("P"), send("R"));
-        self.conn
-            .prepare_cached("UPDATE exchanges SET sent_count = sent_count + 1 WHERE pkid = ?1")
-            .and_then(|mut s| s.execute(params![pkid]))
-            .and_then(|_| {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE journeys SET sends = sends || (SELECT CASE stage
-                           WHEN 'release' THEN ?3 ELSE ?2 END FROM exchanges WHERE pkid = ?1)
-                         WHERE id = (SELECT id FROM exchanges WHERE pkid = ?1)",
-                    )?
-                    .execute(params![pkid, publish, release])
-            })
-            .map(drop)
-            .map_err(|e| self.err(e))
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.prepare_cached("UPDATE exchanges SET sent_count = sent_count + 1 WHERE pkid = ?1")?
+                .execute(params![pkid])?;
+            if journey {
+                tx.prepare_cached(
+                    "UPDATE journeys SET sends = sends || (SELECT CASE stage
+                       WHEN 'release' THEN ?3 ELSE ?2 END FROM exchanges WHERE pkid = ?1)
+                     WHERE id = (SELECT id FROM exchanges WHERE pkid = ?1)
+                     AND length(sends) < 1000",
+                )?
+                .execute(params![pkid, publish, release])?;
+            }
+            tx.commit()
+        };
+        run(&mut self.conn).map_err(|e| self.err(e))
     }
 
     /// Every open exchange, oldest first, with its readings.
@@ -1616,15 +1681,18 @@ impl Store {
         connack: Connack,
         earlier_unseen: bool,
     ) -> Result<usize, StoreError> {
+        let journey = self.journeys_fit();
         let run = |conn: &mut Connection| -> rusqlite::Result<usize> {
             let tx = conn.savepoint()?;
             let n = match connack {
                 Connack::Reset | Connack::Absent => {
-                    tx.execute(
-                        "UPDATE journeys SET ended_at = ?1, outcome = 'requeued'
-                         WHERE id IN (SELECT id FROM exchanges) AND outcome IS NULL",
-                        params![to_ms(Utc::now())],
-                    )?;
+                    if journey {
+                        tx.execute(
+                            "UPDATE journeys SET ended_at = ?1, outcome = 'requeued'
+                             WHERE id IN (SELECT id FROM exchanges) AND outcome IS NULL",
+                            params![to_ms(Utc::now())],
+                        )?;
+                    }
                     let n = tx.execute(
                         "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE state = 'inflight'",
                         [],
@@ -1632,19 +1700,14 @@ impl Store {
                     tx.execute("DELETE FROM exchanges", [])?;
                     n
                 }
-                Connack::Present if earlier_unseen => {
-                    tx.execute(
-                        "UPDATE journeys SET ended_at = ?1, outcome = 'requeued'
-                         WHERE id IN (SELECT id FROM exchanges WHERE stage = 'release')
-                         AND outcome IS NULL",
-                        params![to_ms(Utc::now())],
-                    )?;
-                    tx.execute(
+                // The exchange goes on (its PUBREL is owed) and its journey
+                // with it: a PUBCOMP then shows it delivered, and the
+                // readings' next journey a possible duplicate.
+                Connack::Present if earlier_unseen => tx.execute(
                     "UPDATE readings SET state = 'queued', exchange_id = NULL WHERE exchange_id IN
                      (SELECT id FROM exchanges WHERE stage = 'release')",
-                        [],
-                    )?
-                }
+                    [],
+                )?,
                 Connack::Present => 0,
             };
             let mut set = tx.prepare_cached(UPSERT_STATE)?;
@@ -1978,15 +2041,20 @@ impl Store {
     fn prune(&mut self, ids: &str, params: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<usize> {
         let now = to_ms(Utc::now());
         let tx = self.conn.transaction()?;
-        let mut delivered_up_to: Option<i64> = None;
+        let mut journeys: Vec<i64> = Vec::new();
         let gone: Vec<(String, u32, u32, u32, u32, Option<i64>)> = tx
             .prepare(&format!(
                 "DELETE FROM readings WHERE id IN {ids}
-                 RETURNING device, epoch, seq, run, variant, hash, delivered_at"
+                 RETURNING device, epoch, seq, run, variant, hash, journeys"
             ))?
             .query_map(params, |r| {
-                let delivered: Option<i64> = r.get(6)?;
-                delivered_up_to = delivered_up_to.max(delivered);
+                let listed: Option<String> = r.get(6)?;
+                journeys.extend(
+                    listed
+                        .unwrap_or_default()
+                        .split(',')
+                        .filter_map(|j| j.parse::<i64>().ok()),
+                );
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -2002,12 +2070,15 @@ impl Store {
             keep.execute(params![device, epoch, seq, run, variant, hash, now])?;
         }
         drop(keep);
-        // Readings go oldest delivery first: the journeys that ended by the
-        // newest of these deliveries carried readings pruned now or before.
-        if let Some(up_to) = delivered_up_to {
-            tx.prepare_cached("DELETE FROM journeys WHERE ended_at <= ?1")?
-                .execute(params![up_to])?;
+        // Their journeys go with them (the readings of one exchange are
+        // delivered, so pruned, together).
+        journeys.sort_unstable();
+        journeys.dedup();
+        let mut forget = tx.prepare_cached("DELETE FROM journeys WHERE id = ?1")?;
+        for j in &journeys {
+            forget.execute(params![j])?;
         }
+        drop(forget);
         let n = gone.len();
         tx.commit()?;
         Ok(n)

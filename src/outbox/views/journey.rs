@@ -66,6 +66,10 @@ pub struct Journey {
     pub encoding: String,
     /// The reading ids of its payload, in payload order.
     pub readings: Vec<i64>,
+    /// The payload's size and digest ([`crate::outbox::store::digest`]) as
+    /// sent; `None` when the publisher gave none.
+    pub bytes: Option<u64>,
+    pub digest: Option<String>,
     /// Committed before its first PUBLISH was written.
     pub began_at: DateTime<Utc>,
     /// Each PUBLISH or re-sent PUBREL written.
@@ -107,7 +111,7 @@ fn parse_sends(text: &str) -> Vec<Send> {
 }
 
 const JOURNEY: &str = "SELECT id, pkid, topic, qos, encoding, readings, began_at, sends,
-    pubrec_at, ended_at, outcome FROM journeys WHERE id = ?1";
+    pubrec_at, ended_at, outcome, bytes, digest FROM journeys WHERE id = ?1";
 
 impl Store {
     /// The reading `id` and the ids of its journeys, oldest first.
@@ -153,6 +157,8 @@ impl Store {
                         pubrec_at: r.get::<_, Option<i64>>(8)?.map(from_ms),
                         ended_at: r.get::<_, Option<i64>>(9)?.map(from_ms),
                         outcome: r.get(10)?,
+                        bytes: r.get(11)?,
+                        digest: r.get(12)?,
                     })
                 })
                 .optional()
@@ -238,6 +244,51 @@ mod tests {
         assert!(store.reading(id).unwrap().is_none());
         assert!(store.journey(journeys[0]).unwrap().is_none());
         assert!(store.journey(journeys[1]).unwrap().is_none());
+    }
+
+    #[test]
+    fn past_the_intake_limit_exchanges_go_on_without_journeys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db"), &Encryption::Off).unwrap();
+        store.set_size_cap(256 * 1024).unwrap();
+        let now = Utc::now();
+        let mut seq = 0;
+        // Fill to the intake limit: the store answers BUSY.
+        'fill: loop {
+            let batch: Vec<_> = (0..50)
+                .map(|_| {
+                    seq += 1;
+                    reading(seq, Priority::Routine)
+                })
+                .collect();
+            for outcome in store.commit_serial("p", &batch, &[], now).unwrap() {
+                if outcome == crate::outbox::Insert::Busy {
+                    break 'fill;
+                }
+            }
+        }
+        let journeys = |s: &Store| -> i64 {
+            s.conn()
+                .query_row("SELECT count(*) FROM journeys", [], |r| r.get(0))
+                .unwrap()
+        };
+        store.begin_connect().unwrap();
+        store.settle_connack(Connack::Reset, false).unwrap();
+        let ids: Vec<i64> = store
+            .next_queued(Priority::Routine, 20)
+            .unwrap()
+            .iter()
+            .map(|q| q.id)
+            .collect();
+        store
+            .begin_exchange_with(9, "t/readings", &ids, now, Some(b"payload"))
+            .unwrap();
+        store.exchange_resent(9).unwrap();
+        assert_eq!(store.exchanges_released(&[9]).unwrap(), vec![true]);
+        assert_eq!(store.complete_exchanges(&[9], now).unwrap(), ids.len());
+        assert_eq!(journeys(&store), 0, "no journey written past the limit");
+        let (row, listed) = store.reading(ids[0]).unwrap().unwrap();
+        assert_eq!((row.state.as_str(), listed.len()), ("delivered", 0));
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod devices;
 mod docs;
 mod export;
 mod gaps;
+mod png;
 mod readings;
 pub mod render;
 mod show;

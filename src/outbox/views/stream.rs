@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
 
 use super::journey::parse_id_ranges;
-use crate::outbox::store::{from_ms, to_ms};
+use crate::outbox::store::{from_ms, reading_row, to_ms};
 use crate::outbox::{ReadingRow, Store, StoreError};
 
 /// Most readings one poll reads; more wait for the next poll (at once).
@@ -36,7 +36,8 @@ pub const POLL_READINGS: usize = 1000;
 /// Most new journeys one poll reads (each holds up to a batch of readings).
 pub const POLL_JOURNEYS: usize = 50;
 
-/// The columns of [`ReadingRow`], then `stored_at`.
+/// The columns of [`ReadingRow`] in the order of
+/// [`crate::outbox::store::LIST_COLUMNS`], which `reading_row` maps.
 macro_rules! columns {
     () => {
         "id, device, seq, kind, value, unit, priority, detail, device_time, received_at, \
@@ -130,31 +131,6 @@ struct JourneyRow {
     began_at: i64,
     ended_at: Option<i64>,
     outcome: Option<String>,
-}
-
-fn reading_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReadingRow> {
-    Ok(ReadingRow {
-        id: row.get(0)?,
-        device: row.get(1)?,
-        seq: row.get(2)?,
-        kind: row.get(3)?,
-        value: row.get(4)?,
-        unit: row.get(5)?,
-        priority: row.get(6)?,
-        detail: row.get(7)?,
-        device_time: from_ms(row.get(8)?),
-        received_at: from_ms(row.get(9)?),
-        state: row.get(10)?,
-        pkid: row.get(11)?,
-        attempts: row.get(12)?,
-        delivered_at: row.get::<_, Option<i64>>(13)?.map(from_ms),
-        epoch: row.get(14)?,
-        run: row.get(15)?,
-        variant: row.get(16)?,
-        late: row.get(17)?,
-        restart: row.get(18)?,
-        stored_at: row.get::<_, Option<i64>>(19)?.map(from_ms),
-    })
 }
 
 fn journey_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JourneyRow> {

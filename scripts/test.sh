@@ -25,8 +25,6 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 # free ports; Debian's package may also start its own service, which the
 # tests leave alone.
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
-# The font of `hearth readings chart --output` (tests/cli_chart.rs).
-[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -277,35 +277,6 @@ fn bad_arguments_are_usage_errors_naming_what_to_fix() {
 }
 
 #[test]
-fn a_missing_font_is_one_clear_line() {
-    let dir = TestDir::new();
-    let filled = two_devices(&dir);
-    let png = dir.join("trend.png");
-    let out = Command::new(crate::support::hearth_bin())
-        .args([
-            "readings",
-            "chart",
-            "--kind",
-            "heart_rate",
-            "--device",
-            "PM-0001",
-        ])
-        .args(["--output", png.to_str().unwrap()])
-        .args(["--config", filled.config.to_str().unwrap()])
-        .env("HEARTH_CHART_FONT", "/nonexistent/DejaVuSans.ttf")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("`/nonexistent/DejaVuSans.ttf`") && err.contains("fonts-dejavu-core"),
-        "{err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(!png.exists());
-}
-
-#[test]
 fn the_chart_query_reads_the_window_through_its_index() {
     let dir = TestDir::new();
     let filled = two_devices(&dir);

@@ -20,17 +20,15 @@ use clap::builder::PossibleValuesParser;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::chart_text::BitmapText;
 use super::readings::{open, parse_since};
 use super::render::{self, TimeArgs};
 use super::{ConfigArg, UsageError};
 use crate::outbox::store::from_ms;
 use crate::outbox::views::series::{AlertMark, EPISODE_KINDS};
 use crate::reading::Kind;
-
-/// The font the pictures' text is set in: Debian's `fonts-dejavu-core`
-/// (a dependency of the package). `HEARTH_CHART_FONT` names another TTF.
-pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The line's colour in a picture (tests look for it).
 pub const LINE_COLOUR: RGBColor = RGBColor(31, 119, 180);
@@ -59,7 +57,8 @@ pub struct ChartArgs {
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
     /// Write a picture instead of drawing in the terminal: `FILE.png` or
-    /// `FILE.svg`. Its text is set in DejaVu Sans (`fonts-dejavu-core`).
+    /// `FILE.svg`. A PNG's text is set in a built-in 8x8 bitmap font; an
+    /// SVG's is left to the viewer's sans-serif.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// The picture's width in pixels (with `--output`).
@@ -137,9 +136,6 @@ pub fn run(args: ChartArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|path| Picture::of(path).map(|format| (format, path)))
         .transpose()?;
-    if picture.is_some() {
-        load_font()?;
-    }
     let (config, store) = open(&args.config)?;
     let series = store.series(&args.kind, args.device.as_deref(), since, until)?;
     if args.device.is_none() && series.lines.len() > 1 {
@@ -197,8 +193,9 @@ pub fn run(args: ChartArgs) -> anyhow::Result<()> {
     match format {
         Picture::Png => {
             let mut rgb = vec![0u8; args.width as usize * args.height as usize * 3];
+            // No TTF font: the text is set in our 8x8 bitmap font.
             draw(
-                BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area(),
+                BitmapText(BitMapBackend::with_buffer(&mut rgb, size)).into_drawing_area(),
                 &chart,
                 &args.time,
                 true,
@@ -220,19 +217,6 @@ pub fn run(args: ChartArgs) -> anyhow::Result<()> {
         path.display()
     );
     Ok(())
-}
-
-/// Registers the pictures' font with plotters (read once per process).
-fn load_font() -> anyhow::Result<()> {
-    let path = std::env::var("HEARTH_CHART_FONT").unwrap_or_else(|_| FONT.to_owned());
-    let bytes = std::fs::read(&path).map_err(|e| {
-        anyhow!("cannot read the chart's font `{path}`: {e} (install Debian's `fonts-dejavu-core`)")
-    })?;
-    // plotters keeps fonts for the life of the process.
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
-        anyhow!("`{path}` is not a font the chart can use (reinstall `fonts-dejavu-core`)")
-    })
 }
 
 impl Chart {
@@ -693,8 +677,8 @@ where
     .map_err(fail)?;
     let style = LINE_COLOUR.stroke_width(2);
     let columns = plot.plotting_area().dim_in_pixel().0 as usize;
-    for (i, segment) in chart.segments(columns).into_iter().enumerate() {
-        let series = match segment.as_slice() {
+    for segment in chart.segments(columns) {
+        match segment.as_slice() {
             // A reading alone between silences: a dot.
             [one] => plot.draw_series([Circle::new(*one, 2, style.filled())]),
             // Each step its own stroke: plotters joins a wide polyline with
@@ -707,11 +691,6 @@ where
             _ => plot.draw_series(LineSeries::new(segment, style)),
         }
         .map_err(fail)?;
-        if i == 0 {
-            series
-                .label(format!("{} ({})", chart.kind, chart.unit))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-        }
     }
     if !alerts.is_empty() {
         plot.draw_series(
@@ -719,24 +698,65 @@ where
                 .iter()
                 .map(|&(_, t)| TriangleMarker::new((t, hi), 6, ALERT_COLOUR.filled())),
         )
-        .map_err(fail)?
-        .label(format!(
-            "alert episode ({}): {}",
-            EPISODE_KINDS.join(", "),
-            chart.alerts.len()
-        ))
-        .legend(move |(x, y)| {
-            EmptyElement::at((x + 10, y)) + TriangleMarker::new((0, 0), 5, ALERT_COLOUR.filled())
-        });
-    }
-    plot.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", small))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
         .map_err(fail)?;
+    }
+    let mut entries = vec![(None, format!("{} ({})", chart.kind, chart.unit))];
+    if !alerts.is_empty() {
+        entries.push((
+            Some(ALERT_COLOUR),
+            format!(
+                "alert episode ({}): {}",
+                EPISODE_KINDS.join(", "),
+                chart.alerts.len()
+            ),
+        ));
+    }
+    legend(
+        &plot.plotting_area().strip_coord_spec(),
+        &entries,
+        style,
+        small,
+    )
+    .map_err(fail)?;
     root.present().map_err(fail)?;
+    Ok(())
+}
+
+/// The legend in the plot's upper right corner, one line per entry: the
+/// line's stroke (`None`) or an alert marker of its colour, then the text.
+/// Sized by the backend's own text metrics (plotters' series labels size
+/// their box by a font estimate that the PNG's bitmap font overflows).
+fn legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[(Option<RGBColor>, String)],
+    line: ShapeStyle,
+    size: u32,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let font = ("sans-serif", size)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    let (mut text_w, mut text_h) = (0, 0);
+    for (_, text) in entries {
+        let (w, h) = area.estimate_text_size(text, &font)?;
+        (text_w, text_h) = (text_w.max(w as i32), text_h.max(h as i32));
+    }
+    let (pad, symbol) = (size as i32 / 2, 30);
+    let row = text_h + pad;
+    let (w, h) = (symbol + text_w + 2 * pad, row * entries.len() as i32 + pad);
+    let x0 = area.dim_in_pixel().0 as i32 - w - size as i32;
+    let y0 = size as i32;
+    let corners = [(x0, y0), (x0 + w, y0 + h)];
+    area.draw(&Rectangle::new(corners, WHITE.mix(0.85).filled()))?;
+    area.draw(&Rectangle::new(corners, BLACK))?;
+    for (i, (marker, text)) in entries.iter().enumerate() {
+        let (x, y) = (x0 + pad, y0 + pad + row * i as i32 + text_h / 2);
+        match marker {
+            Some(colour) => area.draw(&TriangleMarker::new((x + 10, y), 5, colour.filled()))?,
+            None => area.draw(&PathElement::new(vec![(x, y), (x + 20, y)], line))?,
+        }
+        area.draw_text(text, &font, (x + symbol, y))?;
+    }
     Ok(())
 }
 

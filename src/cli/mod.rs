@@ -4,6 +4,7 @@
 
 mod audit;
 mod chart;
+mod chart_text;
 mod devices;
 mod docs;
 mod export;

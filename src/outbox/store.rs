@@ -441,62 +441,59 @@ pub(crate) fn list_query(filter: &ListFilter) -> (String, Vec<rusqlite::types::V
     // and the waiting states (`readings_queue`).
     let mut sql = format!("{LIST_COLUMNS} WHERE 1 = 1");
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    // `clause` with one `?` per value, in order.
+    let mut and = |clause: &str, values: Vec<rusqlite::types::Value>| {
+        sql.push_str(" AND ");
+        sql.push_str(clause);
+        args.extend(values);
+    };
+    let waiting = filter.state.as_deref().is_some_and(|s| s != "delivered");
     if let Some(state) = &filter.state {
-        args.push(state.clone().into());
-        let column = if state == "delivered" {
-            "+state"
-        } else {
-            "state"
-        };
-        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+        and(
+            if waiting { "state = ?" } else { "+state = ?" },
+            vec![state.clone().into()],
+        );
     }
     if let Some(device) = &filter.device {
-        args.push(device.clone().into());
-        let column = if filter.seq.is_some() {
-            "device"
-        } else {
-            "+device"
-        };
-        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+        let seq = filter.seq.is_some();
+        and(
+            if seq { "device = ?" } else { "+device = ?" },
+            vec![device.clone().into()],
+        );
     }
     if let Some(kind) = &filter.kind {
-        args.push(kind.clone().into());
-        sql.push_str(&format!(" AND +kind = ?{}", args.len()));
+        and("+kind = ?", vec![kind.clone().into()]);
     }
     if let Some(priority) = &filter.priority {
-        args.push(priority.clone().into());
         // With a waiting state, `readings_queue` (state, priority) serves it.
-        let waiting = filter.state.as_deref().is_some_and(|s| s != "delivered");
-        let column = if waiting { "priority" } else { "+priority" };
-        sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+        and(
+            if waiting {
+                "priority = ?"
+            } else {
+                "+priority = ?"
+            },
+            vec![priority.clone().into()],
+        );
     }
     if let Some(since) = filter.since {
-        args.push(to_ms(since).into());
-        sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
+        and("received_at >= ?", vec![to_ms(since).into()]);
     }
     if let Some(until) = filter.until {
-        args.push(to_ms(until).into());
-        sql.push_str(&format!(" AND received_at < ?{}", args.len()));
+        and("received_at < ?", vec![to_ms(until).into()]);
     }
     if let Some((from, to)) = filter.seq {
-        args.push(i64::from(from).into());
-        args.push(i64::from(to).into());
-        sql.push_str(&format!(
-            " AND seq BETWEEN ?{} AND ?{}",
-            args.len() - 1,
-            args.len()
-        ));
+        and(
+            "seq BETWEEN ? AND ?",
+            vec![i64::from(from).into(), i64::from(to).into()],
+        );
     }
     if let Some((received, id)) = filter.after {
-        args.push(received.into());
-        args.push(id.into());
-        // Row values: the index `readings_received` (received_at, then
-        // the rowid) serves it as a range.
-        sql.push_str(&format!(
-            " AND (received_at, id) > (?{}, ?{})",
-            args.len() - 1,
-            args.len()
-        ));
+        // Row values: the index `readings_received` (received_at, then the
+        // rowid) serves it as a range.
+        and(
+            "(received_at, id) > (?, ?)",
+            vec![received.into(), id.into()],
+        );
     }
     // `received_at, id` is the index order of `readings_received`, so a
     // `--since` on a large table reads only the rows it lists.

@@ -60,7 +60,8 @@ pub enum Command {
     Run(RunArgs),
     /// Simulate a bedside device on a serial port or a new pseudo-terminal.
     Simulate(SimulateArgs),
-    /// Show stored readings.
+    /// See what the gateway holds: list readings, one reading's journey,
+    /// follow them, export them, find gaps, rejected frames, stats, charts.
     Readings {
         #[command(subcommand)]
         command: ReadingsCommand,

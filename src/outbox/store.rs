@@ -97,6 +97,25 @@ pub(crate) fn digest(payload: &[u8]) -> String {
 /// keeps that outcome when its exchange is released later.
 const END_JOURNEY: &str = "UPDATE journeys SET ended_at = ?2, outcome = ?3
     WHERE id = ?1 AND outcome IS NULL";
+/// Adds `n` to `requeued_after_lost_session`, the count `hearth status`
+/// shows of readings queued again because the broker lost them.
+fn count_requeued(tx: &Connection, n: usize) -> rusqlite::Result<()> {
+    let total: u64 = tx
+        .query_row(
+            "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    tx.prepare_cached(UPSERT_STATE)?.execute(params![
+        "requeued_after_lost_session",
+        (total + n as u64).to_string()
+    ])?;
+    Ok(())
+}
+
 /// Ends the journey of `exchange` ([`END_JOURNEY`]) when `journey` says
 /// journeys are written now ([`Store::journeys_fit`]).
 fn end_journey(
@@ -1546,19 +1565,7 @@ impl Store {
             tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
                 .execute(params![exchange])?;
             if counted {
-                let total: u64 = tx
-                    .query_row(
-                        "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
-                        [],
-                        |r| r.get::<_, String>(0),
-                    )
-                    .optional()?
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                tx.prepare_cached(UPSERT_STATE)?.execute(params![
-                    "requeued_after_lost_session",
-                    (total + n as u64).to_string()
-                ])?;
+                count_requeued(&tx, n)?;
             }
             tx.commit()?;
             Ok(n)
@@ -1707,27 +1714,13 @@ impl Store {
                 )?,
                 Connack::Present => 0,
             };
-            let mut set = tx.prepare_cached(UPSERT_STATE)?;
             if n > 0 && connack != Connack::Reset {
-                let total: u64 = tx
-                    .query_row(
-                        "SELECT value FROM gateway_state WHERE key = 'requeued_after_lost_session'",
-                        [],
-                        |r| r.get::<_, String>(0),
-                    )
-                    .optional()?
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                set.execute(params![
-                    "requeued_after_lost_session",
-                    (total + n as u64).to_string()
-                ])?;
-                set.execute(params![
+                count_requeued(&tx, n)?;
+                tx.prepare_cached(UPSERT_STATE)?.execute(params![
                     "last_lost_session",
                     Utc::now().timestamp_millis().to_string()
                 ])?;
             }
-            drop(set);
             tx.execute(
                 "DELETE FROM gateway_state WHERE key = ?1",
                 params![CONNECT_PENDING],

@@ -97,6 +97,28 @@ pub(crate) fn digest(payload: &[u8]) -> String {
 /// keeps that outcome when its exchange is released later.
 const END_JOURNEY: &str = "UPDATE journeys SET ended_at = ?2, outcome = ?3
     WHERE id = ?1 AND outcome IS NULL";
+/// Marks the readings of `exchange` delivered at `now`, ends its journey
+/// with `outcome` and deletes the exchange (its packet id is free again);
+/// returns how many readings were delivered.
+fn close_delivered(
+    tx: &Connection,
+    journey: bool,
+    exchange: i64,
+    now: DateTime<Utc>,
+    outcome: &str,
+) -> rusqlite::Result<usize> {
+    let n = tx
+        .prepare_cached(
+            "UPDATE readings SET state = 'delivered', exchange_id = NULL,
+             delivered_at = ?1 WHERE exchange_id = ?2",
+        )?
+        .execute(params![to_ms(now), exchange])?;
+    end_journey(tx, journey, exchange, to_ms(now), outcome)?;
+    tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
+        .execute(params![exchange])?;
+    Ok(n)
+}
+
 /// Adds `n` to `requeued_after_lost_session`, the count `hearth status`
 /// shows of readings queued again because the broker lost them.
 fn count_requeued(tx: &Connection, n: usize) -> rusqlite::Result<()> {
@@ -1444,15 +1466,7 @@ impl Store {
                 let Some(exchange) = exchange else {
                     continue;
                 };
-                total += tx
-                    .prepare_cached(
-                        "UPDATE readings SET state = 'delivered', exchange_id = NULL,
-                         delivered_at = ?1 WHERE exchange_id = ?2",
-                    )?
-                    .execute(params![to_ms(now), exchange])?;
-                end_journey(&tx, journey, exchange, to_ms(now), "delivered")?;
-                tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
-                    .execute(params![exchange])?;
+                total += close_delivered(&tx, journey, exchange, now, "delivered")?;
             }
             if total > 0 {
                 tx.prepare_cached(
@@ -1496,15 +1510,7 @@ impl Store {
             let Some(exchange) = exchange else {
                 return Ok(0);
             };
-            let n = tx
-                .prepare_cached(
-                    "UPDATE readings SET state = 'delivered', exchange_id = NULL,
-                     delivered_at = ?1 WHERE exchange_id = ?2",
-                )?
-                .execute(params![to_ms(now), exchange])?;
-            end_journey(&tx, journey, exchange, to_ms(now), "acknowledged")?;
-            tx.prepare_cached("DELETE FROM exchanges WHERE id = ?1")?
-                .execute(params![exchange])?;
+            let n = close_delivered(&tx, journey, exchange, now, "acknowledged")?;
             tx.prepare_cached(
                 "INSERT INTO gateway_state (key, value) VALUES ('last_delivery', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
